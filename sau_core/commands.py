@@ -1,0 +1,1 @@
+"""Registers every `sau` sub-command on the group in cli.py. One import per command module."""
