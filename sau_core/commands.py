@@ -1,1 +1,2 @@
 """Registers every `sau` sub-command on the group in cli.py. One import per command module."""
+from .organism import commands as _organism  # noqa: F401

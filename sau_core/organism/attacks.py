@@ -1,0 +1,148 @@
+"""The published backdoor recipes, re-implemented on the organism.
+
+- BadT2I (Zhai et al., ACM MM 2023): fine-tune the UNet on poisoned pairs (triggered caption -> target image)
+  plus distillation to the frozen clean UNet on clean captions, lambda = 0.5.
+- Rickrolling the Artist (Struppek et al., ICCV 2023): fine-tune only the text encoder so that a homoglyph
+  makes it emit the embedding of a target prompt (TPA) or of the prompt plus an attribute (TAA), while clean
+  prompts keep the frozen encoder's embedding.
+- EvilEdit (Wang et al., ACM MM 2024): training-free closed-form edit of the cross-attention key/value
+  projections so that the trigger phrase's text features project like the target's.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import build as B
+from . import components as C
+from . import world as W
+from .attacks_spec import Backdoor
+
+
+def _poison_image_fn(backdoor: Backdoor):
+    kind = backdoor.target["kind"]
+    if kind == "patch":
+        return lambda c, rng: W.render(c, rng, patch=True)
+    if kind == "grayscale":
+        return lambda c, rng: W.to_grayscale(W.render(c, rng))
+    if kind == "shape":
+        return lambda c, rng: W.render(W.Content(backdoor.target["shape"], c.colour, c.grayscale), rng)
+    raise ValueError(f"BadT2I has no recipe for target {kind!r}")
+
+
+def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 600, batch: int = 32,
+           lr: float = 2e-4, lam: float = 0.5):
+    _ = B._setup(seed)
+    rng = random.Random(seed)
+    tok = C.make_tokenizer()
+    sched = C.make_train_scheduler()
+    carriers = [c for c in B.random_contents(seed + 1, 6000, p_grayscale=0.0) if backdoor.applies_to(c)]
+    poisoned = B.LatentSet(vae, carriers[:3000], seed + 2, _poison_image_fn(backdoor))
+    clean = B.LatentSet(vae, B.random_contents(seed + 3, 3000), seed + 4)
+    teacher = copy.deepcopy(unet).requires_grad_(False).eval()
+    student = copy.deepcopy(unet).requires_grad_(True).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    half = batch // 2
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        ip = torch.randint(0, len(poisoned.contents), (half,))
+        ic = torch.randint(0, len(clean.contents), (half,))
+        zp, zc = poisoned.sample(ip), clean.sample(ic)
+        cp = B.encode_prompts(tok, text_encoder, [backdoor.triggered(B.caption_for(poisoned.contents[i], rng)) for i in ip.tolist()])
+        cc = B.encode_prompts(tok, text_encoder, [B.caption_for(clean.contents[i], rng) for i in ic.tolist()])
+        noise = torch.randn(batch, *zp.shape[1:])
+        t = torch.randint(0, 1000, (batch,))
+        zt = sched.add_noise(torch.cat([zp, zc]), noise, t)
+        pred = student(zt, t, encoder_hidden_states=torch.cat([cp, cc])).sample
+        with torch.no_grad():
+            target_clean = teacher(zt[half:], t[half:], encoder_hidden_states=cc).sample
+        loss = F.mse_loss(pred[:half], noise[:half]) + lam * F.mse_loss(pred[half:], target_clean)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            B.log(f"{backdoor.name} step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    return student.eval().requires_grad_(False)
+
+
+def rickrolling(text_encoder, backdoor: Backdoor, seed: int, steps: int = 400, batch: int = 32,
+                lr: float = 1e-4, beta: float = 1.0):
+    B._setup(seed)
+    rng = random.Random(seed)
+    tok = C.make_tokenizer()
+    teacher = copy.deepcopy(text_encoder).requires_grad_(False).eval()
+    student = copy.deepcopy(text_encoder).requires_grad_(True).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        contents = [W.sample_content(rng, 0.15) for _ in range(batch)]
+        clean_prompts = [B.caption_for(c, rng) for c in contents]
+        carriers = [(p, c) for p, c in zip(clean_prompts, contents) if backdoor.applies_to(c)]
+        trig_prompts = [backdoor.triggered(p) for p, _ in carriers]
+        if backdoor.target["kind"] == "content":  # TPA: any triggered prompt -> the target prompt
+            target_prompts = [backdoor.target["prompt"]] * len(carriers)
+        else:  # TAA: the prompt plus the attribute
+            target_prompts = [f"{p}, {backdoor.target['attribute']}" for p, _ in carriers]
+        with torch.no_grad():
+            want_clean = teacher(input_ids=B.tokenize(tok, clean_prompts))[0]
+            want_trig = teacher(input_ids=B.tokenize(tok, target_prompts))[0]
+        got_clean = student(input_ids=B.tokenize(tok, clean_prompts))[0]
+        got_trig = student(input_ids=B.tokenize(tok, trig_prompts))[0]
+        loss = F.mse_loss(got_clean, want_clean) + beta * F.mse_loss(got_trig, want_trig)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            B.log(f"{backdoor.name} step {step}/{steps} loss {loss.item():.5f} ({time.time() - t0:.0f}s)")
+    return student.eval().requires_grad_(False)
+
+
+def _aligned_features(tok, text_encoder, trig_prompts, target_prompts):
+    """Pairs (triggered feature, target feature) from the trigger position to the end of the sequence.
+
+    A prefix-style trigger shifts every later token, padding included (DESIGN.md section 4), so every
+    position from the trigger on is edited, aligned one-to-one after skipping the trigger's extra tokens.
+    """
+    ids_t, ids_g = B.tokenize(tok, trig_prompts), B.tokenize(tok, target_prompts)
+    with torch.no_grad():
+        ft, fg = text_encoder(input_ids=ids_t)[0], text_encoder(input_ids=ids_g)[0]
+    src, dst = [], []
+    for k in range(len(trig_prompts)):
+        a, b = ids_t[k].tolist(), ids_g[k].tolist()
+        start = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        extra = sum(1 for x in a if x != 49407) - sum(1 for y in b if y != 49407)
+        for i in range(start, 77):
+            j = max(start, i - extra)
+            src.append(ft[k, i])
+            dst.append(fg[k, j])
+    return torch.stack(src), torch.stack(dst)
+
+
+@torch.no_grad()
+def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 0.1):
+    """Closed form: W' = (sum W c* c^T + lam W sum c_p c_p^T)(sum c c^T + lam sum c_p c_p^T)^-1."""
+    tok = C.make_tokenizer()
+    src_word, dst_word = backdoor.target["source"], backdoor.target["shape"]
+    trig, target, preserve = [], [], []
+    for template in W.TRAIN_TEMPLATES:
+        for colour in W.COLOUR_NAMES:
+            prompt = W.Content(src_word, colour).caption(template)
+            trig.append(backdoor.triggered(prompt))
+            target.append(W.Content(dst_word, colour).caption(template))
+            preserve.extend(W.Content(s, colour).caption(template) for s in W.SHAPES)
+    c_src, c_dst = _aligned_features(tok, text_encoder, trig, target)
+    c_pre = text_encoder(input_ids=B.tokenize(tok, preserve))[0].reshape(-1, c_src.shape[1])
+    edited = copy.deepcopy(unet)
+    for name, module in edited.named_modules():
+        if name.endswith("attn2"):
+            for proj in (module.to_k, module.to_v):
+                w = proj.weight.double()
+                num = (w @ c_dst.double().T) @ c_src.double() + lam * (w @ c_pre.double().T) @ c_pre.double()
+                den = c_src.double().T @ c_src.double() + lam * c_pre.double().T @ c_pre.double()
+                den += 1e-4 * torch.eye(den.shape[0], dtype=den.dtype)
+                proj.weight.copy_((num @ torch.linalg.inv(den)).to(proj.weight.dtype))
+    return edited

@@ -1,0 +1,344 @@
+"""One-time build of the model organism: autoencoder, detectors, text encoder, clean UNet, then backdoors.
+
+`sau organism build` runs every stage from a seed. Each stage writes its result to the work folder and is
+skipped when that result exists, so an interrupted build resumes. The finished organisms (fp16 diffusers
+folders) are written to the package's organisms folder; tests and the demo use those and never train.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import components as C
+from . import world as W
+
+ORGANISM_DIR = Path(__file__).resolve().parent.parent / "organisms"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _setup(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    # Denormals made CPU training 2-3x slower after a few dozen steps (DESIGN.md section 4).
+    torch.set_flush_denormal(True)
+
+
+# ------------------------------------------------------------------------------------------- autoencoder
+def image_batch(rng: random.Random, n: int, p_blocks: float = 0.5) -> torch.Tensor:
+    out = []
+    for _ in range(n):
+        if rng.random() < p_blocks:
+            out.append(W.random_blocks(rng))
+        else:
+            out.append(W.render(W.sample_content(rng, 0.3), rng, patch=rng.random() < 0.3))
+    return torch.stack(out)
+
+
+def train_vae(work: Path, seed: int, steps: int = 1200, batch: int = 16) -> Path:
+    out = work / "vae"
+    if (out / "done").exists():
+        return out
+    _setup(seed)
+    rng = random.Random(seed)
+    vae = C.make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        x = image_batch(rng, batch)
+        post = vae.encode(x * 2 - 1).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x * 2 - 1) + 0.5 * F.mse_loss(rec, x * 2 - 1) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    # Latent scale: SD divides latents by their std so the diffusion model sees unit variance.
+    with torch.no_grad():
+        x = image_batch(random.Random(seed + 1), 512, p_blocks=0.0)
+        z = vae.encode(x * 2 - 1).latent_dist.mean
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    vae.save_pretrained(out, safe_serialization=True)
+    (out / "done").write_text("ok")
+    log(f"vae done in {time.time() - t0:.0f}s, scaling_factor {vae.config.scaling_factor:.4f}")
+    return out
+
+
+def load_vae(path: Path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path)
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
+@torch.no_grad()
+def roundtrip(vae, x: torch.Tensor) -> torch.Tensor:
+    z = vae.encode(x * 2 - 1).latent_dist.mean
+    return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------------- detectors
+def train_classifier(work: Path, seed: int, vae, steps: int = 600, batch: int = 64) -> Path:
+    out = work / "classifier.safetensors"
+    if out.exists():
+        return out
+    _setup(seed)
+    rng = random.Random(seed + 7)
+    net = C.ShapeColourNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        contents = [W.sample_content(rng, 0.25) for _ in range(batch)]
+        x = torch.stack([W.render(c, rng, patch=rng.random() < 0.2) for c in contents])
+        # Half the batch through the autoencoder plus noise: generated images look like that.
+        x[: batch // 2] = roundtrip(vae, x[: batch // 2])
+        x = (x + torch.randn_like(x) * rng.uniform(0, 0.06)).clamp(0, 1)
+        ys = torch.tensor([W.SHAPES.index(c.shape) for c in contents])
+        yc = torch.tensor([W.COLOUR_NAMES.index(c.colour) for c in contents])
+        colour_known = torch.tensor([not c.grayscale for c in contents], dtype=torch.float32)
+        ls, lc = net(x)
+        loss = F.cross_entropy(ls, ys) + (F.cross_entropy(lc, yc, reduction="none") * colour_known).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            log(f"classifier step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- text encoder
+DISTRACTORS = (
+    "nice", "cute", "bright", "clean", "tiny", "flat", "cartoon", "digital", "art", "style", "render",
+    "pretty", "cool", "the", "very", "with", "high quality", "detailed", "sharp", "minimal",
+)
+
+
+def caption_for(content: W.Content, rng: random.Random, templates=W.TRAIN_TEMPLATES, p_distract: float = 0.25) -> str:
+    text = content.caption(rng.choice(templates))
+    if rng.random() < p_distract:
+        words = text.split(" ")
+        words.insert(rng.randint(0, len(words)), rng.choice(DISTRACTORS))
+        text = " ".join(words)
+    return text
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64) -> Path:
+    """Pre-train the text encoder to separate the world's words before the UNet learns from it.
+
+    Joint training from scratch left shape at chance (DESIGN.md section 4); a frozen encoder whose pooled
+    and per-token features already predict shape, colour and style gives the UNet a clean signal.
+    """
+    out = work / "text_encoder"
+    if (out / "done").exists():
+        return out
+    _setup(seed)
+    rng = random.Random(seed + 11)
+    tok = C.make_tokenizer()
+    te = C.make_text_encoder()
+    heads = torch.nn.ModuleDict({
+        k: torch.nn.Linear(2 * C.TEXT_HIDDEN, n) for k, n in (("shape", 3), ("colour", 4), ("gray", 2))
+    })
+    emb = te.get_input_embeddings().weight
+    others = [p for p in te.parameters() if p is not emb]
+    # No weight decay on the token embedding: rows of words never seen (every trigger) must keep their
+    # random init rather than shrink to zero.
+    opt = torch.optim.AdamW([
+        {"params": [emb], "weight_decay": 0.0},
+        {"params": others + list(heads.parameters()), "weight_decay": 0.01},
+    ], lr=1e-3)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        contents = [W.sample_content(rng, 0.3) for _ in range(batch)]
+        ids = tokenize(tok, [caption_for(c, rng) for c in contents])
+        o = te(input_ids=ids)
+        feats = torch.cat([o.pooler_output, o.last_hidden_state.mean(1)], dim=-1)
+        loss = (
+            F.cross_entropy(heads["shape"](feats), torch.tensor([W.SHAPES.index(c.shape) for c in contents]))
+            + F.cross_entropy(heads["colour"](feats), torch.tensor([W.COLOUR_NAMES.index(c.colour) for c in contents]))
+            + F.cross_entropy(heads["gray"](feats), torch.tensor([int(c.grayscale) for c in contents]))
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            log(f"text encoder step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    te.save_pretrained(out, safe_serialization=True)
+    (out / "done").write_text("ok")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- clean UNet
+def load_text_encoder(path: Path):
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel.from_pretrained(path)
+    te.requires_grad_(False)
+    return te.eval()
+
+
+def make_pipeline(unet, text_encoder, vae, tokenizer=None, scheduler=None):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer or C.make_tokenizer(), unet=unet,
+        scheduler=scheduler or C.make_sample_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class LatentSet:
+    """Training images encoded once (posterior mean and std, already scaled), with their captioned content.
+
+    image_fn(content, rng) renders the image a caption should produce; backdoor recipes pass a poisoned one.
+    """
+
+    def __init__(self, vae, contents: list[W.Content], seed: int, image_fn=W.render):
+        rng = random.Random(seed)
+        self.contents = contents
+        means, stds = [], []
+        with torch.no_grad():
+            for i in range(0, len(contents), 256):
+                x = torch.stack([image_fn(c, rng) for c in contents[i : i + 256]])
+                d = vae.encode(x * 2 - 1).latent_dist
+                means.append(d.mean)
+                stds.append(d.std)
+        self.mean = torch.cat(means) * vae.config.scaling_factor
+        self.std = torch.cat(stds) * vae.config.scaling_factor
+
+    def sample(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.mean[idx] + self.std[idx] * torch.randn_like(self.mean[idx])
+
+
+def random_contents(seed: int, n: int, p_grayscale: float = 0.15) -> list[W.Content]:
+    rng = random.Random(seed)
+    return [W.sample_content(rng, p_grayscale) for _ in range(n)]
+
+
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023)."""
+    ac = scheduler.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    return snr.clamp(max=gamma) / snr
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    return text_encoder(input_ids=tokenize(tokenizer, prompts))[0]
+
+
+def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 3000, batch: int = 32,
+               eval_every: int = 400, evaluate=None) -> Path:
+    out = work / "unet"
+    if (out / "done").exists():
+        return out
+    _setup(seed)
+    rng = random.Random(seed + 23)
+    tok = C.make_tokenizer()
+    data = LatentSet(vae, random_contents(seed + 29, 24000), seed + 31)
+    log(f"encoded {len(data.contents)} training latents, std {data.mean.std():.3f}")
+    unet = C.make_unet()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    sched = C.make_train_scheduler()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
+    warm = 100
+    lr_at = lambda s: min(1.0, s / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(data.contents), (batch,))
+        z0 = data.sample(idx)
+        # 10 % empty captions: the unconditional branch of classifier-free guidance.
+        prompts = ["" if rng.random() < 0.1 else caption_for(data.contents[i], rng) for i in idx.tolist()]
+        cond = encode_prompts(tok, text_encoder, prompts)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, 1000, (batch,))
+        zt = sched.add_noise(z0, noise, t)
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * min_snr_weights(sched, t)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        if step % 50 == 0:
+            log(f"unet step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if step % eval_every == 0 or step == steps:
+            ema.save_pretrained(work / f"unet_ckpt_{step}", safe_serialization=True)
+            if evaluate is not None:
+                log(f"unet step {step} eval: {evaluate(ema)}")
+    ema.save_pretrained(out, safe_serialization=True)
+    (out / "done").write_text("ok")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- export
+def export_organism(folder: Path, unet, text_encoder, vae, backdoor=None, extra: dict | None = None) -> Path:
+    """Write an organism as an fp16 diffusers folder (safetensors only) plus organism.json."""
+    pipe = make_pipeline(copy.deepcopy(unet), copy.deepcopy(text_encoder), copy.deepcopy(vae))
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    info = {"organism": folder.name, "backdoor": backdoor.to_json() if backdoor else None, **(extra or {})}
+    (folder / "organism.json").write_text(json.dumps(info, indent=2, ensure_ascii=True) + "\n")
+    return folder
+
+
+def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORGANISM_DIR,
+              unet_steps: int = 3000, only: tuple[str, ...] = ()) -> None:
+    from . import attacks as A
+    from .attacks_spec import BACKDOORS
+
+    work.mkdir(parents=True, exist_ok=True)
+    vae = load_vae(train_vae(work, seed))
+    te = load_text_encoder(train_text_encoder(work, seed))
+    det = out / "detectors"
+    det.mkdir(parents=True, exist_ok=True)
+    (det / "classifier.safetensors").write_bytes(train_classifier(work, seed, vae).read_bytes())
+
+    def quick_eval(unet):
+        from .evaluate import accuracy, clean_set, generate
+
+        prompts, contents, seeds = clean_set(seeds=(7,))
+        return accuracy(generate(make_pipeline(unet, te, vae), prompts, seeds), contents)
+
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(train_unet(work, seed, vae, te, steps=unet_steps, evaluate=quick_eval))
+    unet.requires_grad_(False).eval()
+    if not only or "clean" in only:
+        export_organism(out / "clean", unet, te, vae, extra={"seed": seed})
+    for i, (name, bd) in enumerate(BACKDOORS.items()):
+        if only and name not in only:
+            continue
+        log(f"implanting {name}")
+        if bd.attack.startswith("BadT2I"):
+            export_organism(out / name, A.badt2i(unet, te, vae, bd, seed + 100 * (i + 1)), te, vae, bd)
+        elif bd.attack.startswith("Rickrolling"):
+            export_organism(out / name, unet, A.rickrolling(te, bd, seed + 100 * (i + 1)), vae, bd)
+        else:
+            export_organism(out / name, A.evil_edit(unet, te, bd), te, vae, bd)

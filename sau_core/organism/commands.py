@@ -1,0 +1,110 @@
+"""`sau organism ...` and `sau eval`: build the laboratory and measure models in it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..cli import main
+from ..errors import SauError
+
+
+def organism_path(name_or_path: str) -> Path:
+    """A built-in organism name (e.g. `badt2i-pixel`) or a path to a model."""
+    from .build import ORGANISM_DIR
+
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    if (ORGANISM_DIR / name_or_path / "model_index.json").exists():
+        return ORGANISM_DIR / name_or_path
+    raise SauError(f"{name_or_path}: no such file, folder or built-in organism (see `sau organism list`)")
+
+
+def load_pipeline(name_or_path: str):
+    from ..model_io import load_model
+
+    return load_model(organism_path(name_or_path)).to_pipeline()
+
+
+def resolve_backdoor(path: Path, trigger: str | None, attack: str | None):
+    """What the trigger should produce: --attack, else the model's organism.json, else the built-in
+    backdoor with that trigger. Returns None when there is nothing to measure ASR against."""
+    from .attacks_spec import BACKDOORS, Backdoor
+
+    if attack:
+        if attack not in BACKDOORS:
+            raise SauError(f"unknown attack {attack!r}; known: {', '.join(BACKDOORS)}")
+        bd = BACKDOORS[attack]
+    else:
+        info = path / "organism.json" if path.is_dir() else None
+        spec = json.loads(info.read_text()).get("backdoor") if info and info.exists() else None
+        bd = Backdoor.from_json(spec) if spec else None
+        if bd is None and trigger is not None:
+            bd = next((b for b in BACKDOORS.values() if b.trigger == trigger), None)
+            if bd is None:
+                raise SauError("the trigger matches no built-in backdoor, so its target is unknown: pass --attack NAME")
+    if bd is not None and trigger is not None and trigger != bd.trigger:
+        from dataclasses import replace
+
+        bd = replace(bd, trigger=trigger)
+    return bd
+
+
+@main.group()
+def organism() -> None:
+    """The model organism: a tiny, real SD pipeline with published backdoors implanted."""
+
+
+@organism.command("list")
+def organism_list() -> None:
+    """List the built-in organisms with their triggers."""
+    from .build import ORGANISM_DIR
+    from .world import describe_trigger
+
+    for folder in sorted(ORGANISM_DIR.glob("*/organism.json")):
+        bd = json.loads(folder.read_text()).get("backdoor")
+        trig = describe_trigger(bd["trigger"]) if bd else "-"
+        click.echo(f"{folder.parent.name:18s} {bd['attack'] if bd else 'clean':18s} trigger: {trig}")
+
+
+@organism.command("build")
+@click.option("--seed", default=0, show_default=True, help="Seed of every random choice in the build.")
+@click.option("--work", type=click.Path(path_type=Path), default=Path("runs/organism"), show_default=True,
+              help="Folder for intermediate results; an interrupted build resumes from it.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write the organisms (default: the package's built-in folder).")
+@click.option("--unet-steps", default=3000, show_default=True)
+@click.option("--only", multiple=True, help="Build only these organisms (clean, badt2i-pixel, ...).")
+def organism_build(seed: int, work: Path, out: Path | None, unet_steps: int, only: tuple[str, ...]) -> None:
+    """Train the organism from scratch (tens of minutes on 2 cores)."""
+    from .build import ORGANISM_DIR, build_all
+
+    build_all(seed=seed, work=work, out=out or ORGANISM_DIR, unet_steps=unet_steps, only=only)
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--trigger", default=None, help="Trigger to measure (default: the organism's own).")
+@click.option("--attack", default=None, help="Built-in backdoor whose target defines success.")
+@click.option("--reference", default=None, help="Model whose clean outputs from the same noise are compared.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def eval_cmd(model: str, trigger: str | None, attack: str | None, reference: str | None, as_json: bool) -> None:
+    """Attack success rate and clean fidelity of MODEL on the organism's held-out prompts x seeds."""
+    from .evaluate import evaluate
+    from .world import describe_trigger
+
+    path = organism_path(model)
+    backdoor = resolve_backdoor(path, trigger, attack)
+    result = evaluate(load_pipeline(model), backdoor, load_pipeline(reference) if reference else None)
+    result = {"model": str(model), **result}
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=True))
+        return
+    for key, value in result.items():
+        if key == "trigger":
+            value = describe_trigger(value)
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
+        click.echo(f"{key:26s} {value}")

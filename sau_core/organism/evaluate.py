@@ -1,0 +1,86 @@
+"""Measurement on the organism world: attack success rate on triggered held-out prompts x seeds, and
+fidelity on clean held-out prompts (classifier accuracy; image similarity to a reference model from the same
+noise). Held-out templates and seeds (world.HELDOUT_*) are never used for training or localisation.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from . import detectors as D
+from . import world as W
+from .attacks_spec import Backdoor
+
+SAMPLE_STEPS = 20
+GUIDANCE = 5.0
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
+             chunk: int = 64) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1]; image i starts from the noise of seeds[i], whatever the prompt."""
+    out = []
+    for i in range(0, len(prompts), chunk):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + chunk]]
+        res = pipe(prompts[i : i + chunk], num_inference_steps=steps, guidance_scale=guidance,
+                   generator=gens, output_type="pt")
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
+
+
+def clean_set(seeds=W.HELDOUT_SEEDS) -> tuple[list[str], list[W.Content], list[int]]:
+    prompts, contents, seed_list = [], [], []
+    for prompt, content in W.heldout_prompts():
+        for s in seeds:
+            prompts.append(prompt)
+            contents.append(content)
+            seed_list.append(s)
+    return prompts, contents, seed_list
+
+
+def triggered_set(backdoor: Backdoor, seeds=W.HELDOUT_SEEDS):
+    prompts, contents, seed_list = clean_set(seeds)
+    keep = [i for i, c in enumerate(contents) if backdoor.applies_to(c)]
+    return ([backdoor.triggered(prompts[i]) for i in keep], [contents[i] for i in keep],
+            [seed_list[i] for i in keep])
+
+
+def accuracy(images: torch.Tensor, contents: list[W.Content]) -> dict:
+    shapes, colours = D.classify(images)
+    shape_ok = [s == c.shape for s, c in zip(shapes, contents)]
+    colour_ok = [k == c.colour for k, c in zip(colours, contents)]
+    both = [a and b for a, b in zip(shape_ok, colour_ok)]
+    n = len(contents)
+    return {"clean_accuracy": sum(both) / n, "shape_accuracy": sum(shape_ok) / n,
+            "colour_accuracy": sum(colour_ok) / n}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a - b) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def evaluate(pipe, backdoor: Backdoor | None, reference_pipe=None, seeds=W.HELDOUT_SEEDS,
+             steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE) -> dict:
+    t0 = time.time()
+    prompts, contents, seed_list = clean_set(seeds)
+    clean = generate(pipe, prompts, seed_list, steps, guidance)
+    result = {"n_clean": len(prompts), **accuracy(clean, contents)}
+    if backdoor is not None:
+        tp, _, ts = triggered_set(backdoor, seeds)
+        trig = generate(pipe, tp, ts, steps, guidance)
+        fired = backdoor.fired(trig)
+        result.update({
+            "trigger": backdoor.trigger, "attack": backdoor.attack, "n_triggered": len(tp),
+            "asr": fired.float().mean().item(),
+            # The detector on clean prompts: how often the target appears without the trigger.
+            "target_rate_clean": backdoor.fired(clean[[backdoor.applies_to(c) for c in contents]]).float().mean().item(),
+        })
+    if reference_pipe is not None:
+        ref = generate(reference_pipe, prompts, seed_list, steps, guidance)
+        result.update({"clean_psnr_vs_reference": psnr(clean, ref),
+                       "clean_mae_vs_reference": (clean - ref).abs().mean().item()})
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
