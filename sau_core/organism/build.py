@@ -321,10 +321,12 @@ def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORG
     (det / "classifier.safetensors").write_bytes(train_classifier(work, seed, vae).read_bytes())
 
     def quick_eval(unet):
-        from .evaluate import accuracy, clean_set, generate
+        # Monitoring uses training templates only: held-out prompts never steer the build.
+        from .evaluate import accuracy, generate
 
-        prompts, contents, seeds = clean_set(seeds=(7,))
-        return accuracy(generate(make_pipeline(unet, te, vae), prompts, seeds), contents)
+        contents = W.all_contents() * 3
+        prompts = [c.caption(W.TRAIN_TEMPLATES[i % 3]) for i, c in enumerate(contents)]
+        return accuracy(generate(make_pipeline(unet, te, vae), prompts, [7 + i for i in range(len(prompts))]), contents)
 
     from diffusers import UNet2DConditionModel
 

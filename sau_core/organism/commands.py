@@ -108,3 +108,35 @@ def eval_cmd(model: str, trigger: str | None, attack: str | None, reference: str
         elif isinstance(value, float):
             value = f"{value:.4f}"
         click.echo(f"{key:26s} {value}")
+
+
+@organism.command("table")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write rows as JSON.")
+def organism_table(json_out: Path | None) -> None:
+    """Evaluate every built-in organism (sau eval) and print the README's Markdown table."""
+    from .build import ORGANISM_DIR
+    from .evaluate import evaluate
+    from .world import describe_trigger
+
+    rows = []
+    for info in sorted(ORGANISM_DIR.glob("*/organism.json"), key=lambda p: (p.parent.name != "clean", p.parent.name)):
+        folder = info.parent
+        bd = resolve_backdoor(folder, None, None)
+        pipe = load_pipeline(str(folder))
+        click.echo(f"evaluating {folder.name} ...", err=True)
+        r = evaluate(pipe, bd)
+        params = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in ("unet", "text_encoder", "vae")}
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        rows.append({"organism": folder.name, **r, "params": params, "bytes_on_disk": size})
+    click.echo("| organism | attack | trigger | ASR (triggered held-out) | clean accuracy | UNet / text enc. / VAE params | size on disk |")
+    click.echo("|---|---|---|---|---|---|---|")
+    for r in rows:
+        trig = f"`{describe_trigger(r['trigger'])}`" if "trigger" in r else "-"
+        asr = f"{r['asr']:.1%} of {r['n_triggered']}" if "asr" in r else "-"
+        p = r["params"]
+        click.echo(
+            f"| {r['organism']} | {r.get('attack', 'none')} | {trig} | {asr} | {r['clean_accuracy']:.1%} of {r['n_clean']} "
+            f"| {p['unet'] / 1e6:.2f} M / {p['text_encoder'] / 1e6:.2f} M / {p['vae'] / 1e6:.2f} M | {r['bytes_on_disk'] / 2**20:.1f} MiB |"
+        )
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2, ensure_ascii=True) + "\n")
