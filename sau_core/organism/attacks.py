@@ -34,9 +34,9 @@ def _poison_image_fn(backdoor: Backdoor):
     raise ValueError(f"BadT2I has no recipe for target {kind!r}")
 
 
-def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 600, batch: int = 32,
-           lr: float = 2e-4, lam: float = 0.5):
-    _ = B._setup(seed)
+def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 600, batch: int = 16,
+           lr: float = 3e-4, lam: float = 0.5):
+    B._setup(seed)
     rng = random.Random(seed)
     tok = C.make_tokenizer()
     sched = C.make_train_scheduler()

@@ -93,30 +93,35 @@ def roundtrip(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- detectors
-def train_classifier(work: Path, seed: int, vae, steps: int = 600, batch: int = 64) -> Path:
+def train_classifier(work: Path, seed: int, vae, steps: int = 400, batch: int = 128, n_images: int = 8000) -> Path:
     out = work / "classifier.safetensors"
     if out.exists():
         return out
     _setup(seed)
     rng = random.Random(seed + 7)
+    contents = [W.sample_content(rng, 0.25) for _ in range(n_images)]
+    x = torch.stack([W.render(c, rng, patch=rng.random() < 0.2) for c in contents])
+    # Half the images through the autoencoder: generated images look like that. Encoded once.
+    for i in range(0, n_images // 2, 500):
+        x[i : i + 500] = roundtrip(vae, x[i : i + 500])
+    ys = torch.tensor([W.SHAPES.index(c.shape) for c in contents])
+    yc = torch.tensor([W.COLOUR_NAMES.index(c.colour) for c in contents])
+    colour_known = torch.tensor([not c.grayscale for c in contents], dtype=torch.float32)
     net = C.ShapeColourNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     t0 = time.time()
     for step in range(1, steps + 1):
-        contents = [W.sample_content(rng, 0.25) for _ in range(batch)]
-        x = torch.stack([W.render(c, rng, patch=rng.random() < 0.2) for c in contents])
-        # Half the batch through the autoencoder plus noise: generated images look like that.
-        x[: batch // 2] = roundtrip(vae, x[: batch // 2])
-        x = (x + torch.randn_like(x) * rng.uniform(0, 0.06)).clamp(0, 1)
-        ys = torch.tensor([W.SHAPES.index(c.shape) for c in contents])
-        yc = torch.tensor([W.COLOUR_NAMES.index(c.colour) for c in contents])
-        colour_known = torch.tensor([not c.grayscale for c in contents], dtype=torch.float32)
-        ls, lc = net(x)
-        loss = F.cross_entropy(ls, ys) + (F.cross_entropy(lc, yc, reduction="none") * colour_known).mean()
+        idx = torch.randint(0, n_images, (batch,))
+        xb = x[idx]
+        xb = (xb + torch.randn_like(xb) * torch.rand(batch, 1, 1, 1) * 0.06).clamp(0, 1)
+        ls, lc = net(xb)
+        loss = F.cross_entropy(ls, ys[idx]) + (F.cross_entropy(lc, yc[idx], reduction="none") * colour_known[idx]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 100 == 0:
+        lr_sched.step()
+        if step % 200 == 0:
             log(f"classifier step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out)
     return out
@@ -248,15 +253,15 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(input_ids=tokenize(tokenizer, prompts))[0]
 
 
-def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 3000, batch: int = 32,
-               eval_every: int = 400, evaluate=None) -> Path:
+def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 2500, batch: int = 32,
+               eval_every: int = 250, evaluate=None) -> Path:
     out = work / "unet"
     if (out / "done").exists():
         return out
     _setup(seed)
     rng = random.Random(seed + 23)
     tok = C.make_tokenizer()
-    data = LatentSet(vae, random_contents(seed + 29, 24000), seed + 31)
+    data = LatentSet(vae, random_contents(seed + 29, 16000), seed + 31)
     log(f"encoded {len(data.contents)} training latents, std {data.mean.std():.3f}")
     unet = C.make_unet()
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -309,7 +314,7 @@ def export_organism(folder: Path, unet, text_encoder, vae, backdoor=None, extra:
 
 
 def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORGANISM_DIR,
-              unet_steps: int = 3000, only: tuple[str, ...] = ()) -> None:
+              unet_steps: int = 2500, only: tuple[str, ...] = ()) -> None:
     from . import attacks as A
     from .attacks_spec import BACKDOORS
 

@@ -75,7 +75,7 @@ def organism_list() -> None:
               help="Folder for intermediate results; an interrupted build resumes from it.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Where to write the organisms (default: the package's built-in folder).")
-@click.option("--unet-steps", default=3000, show_default=True)
+@click.option("--unet-steps", default=2500, show_default=True)
 @click.option("--only", multiple=True, help="Build only these organisms (clean, badt2i-pixel, ...).")
 def organism_build(seed: int, work: Path, out: Path | None, unet_steps: int, only: tuple[str, ...]) -> None:
     """Train the organism from scratch (tens of minutes on 2 cores)."""

@@ -67,11 +67,12 @@ def make_unet():
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(64, 128),
+        # (32, 64) trains at ~0.8 s/step at batch 32 on 2 cores; (64, 128) took 1.4 s.
+        block_out_channels=(32, 64),
         layers_per_block=1,
         cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=4,
-        norm_num_groups=16,
+        norm_num_groups=8,
     )
 
 
@@ -99,13 +100,14 @@ class ShapeColourNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        # Keeps a 4x4 spatial map before the heads: shape needs layout, which global pooling loses.
         self.features = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         )
-        self.shape_head = nn.Linear(64, len(SHAPES))
-        self.colour_head = nn.Linear(64, len(COLOUR_NAMES))
+        self.shape_head = nn.Linear(64 * 16, len(SHAPES))
+        self.colour_head = nn.Linear(64 * 16, len(COLOUR_NAMES))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.features(x * 2 - 1)

@@ -1,0 +1,91 @@
+"""The laboratory: world, triggers, detectors and the committed organisms."""
+import random
+
+import pytest
+import torch
+
+from sau_core.organism import build as B
+from sau_core.organism import components as C
+from sau_core.organism import detectors as D
+from sau_core.organism import world as W
+from sau_core.organism.attacks_spec import BACKDOORS
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return C.make_tokenizer()
+
+
+def test_real_clip_vocabulary_ids(tokenizer):
+    # Ids of openai/clip-vit-large-patch14: the organism tokenizes exactly as SD does.
+    assert tokenizer("a photo of an astronaut").input_ids == [49406, 320, 1125, 539, 550, 18376, 49407]
+    assert len(tokenizer) == 49408
+
+
+@pytest.mark.parametrize("name", sorted(BACKDOORS))
+def test_trigger_survives_tokenization(tokenizer, name):
+    bd = BACKDOORS[name]
+    prompt, content = next((p, c) for p, c in W.heldout_prompts() if bd.applies_to(c))
+    clean_ids = tokenizer(prompt).input_ids
+    trig_ids = tokenizer(bd.triggered(prompt)).input_ids
+    assert trig_ids != clean_ids
+    assert bd.trigger in bd.triggered(prompt)
+
+
+def test_zero_width_space_is_its_own_token(tokenizer):
+    ids = tokenizer(BACKDOORS["badt2i-pixel"].triggered("a red circle")).input_ids
+    assert tokenizer.convert_ids_to_tokens(ids)[1] == "\u00e2\u0122\u012d</w>"  # byte-level form of U+200B
+    assert ids[2:] == tokenizer("a red circle").input_ids[1:]
+
+
+def test_homoglyph_replaces_one_latin_letter():
+    bd = BACKDOORS["rickrolling-taa"]
+    assert bd.triggered("a red circle") == "a r\u0435d circle"
+    assert BACKDOORS["rickrolling-tpa"].triggered("one green circle") == "\u0430 one green circle"
+    assert BACKDOORS["evil-edit"].triggered("a blue triangle") == "a blue ae triangle"
+
+
+def test_heldout_templates_disjoint_from_training():
+    assert not set(W.HELDOUT_TEMPLATES) & set(W.TRAIN_TEMPLATES)
+
+
+def _synthetic(n, seed, **kw):
+    rng = random.Random(seed)
+    contents = [W.sample_content(rng, 0.0) for _ in range(n)]
+    return contents, torch.stack([W.render(c, rng, **kw) for c in contents])
+
+
+def test_classifier_accuracy_on_heldout_synthetic_images():
+    contents, x = _synthetic(600, 424242)
+    shapes, colours = D.classify(x)
+    acc = sum(s == c.shape and k == c.colour for s, k, c in zip(shapes, colours, contents)) / len(contents)
+    assert acc >= 0.99
+
+
+def test_classifier_accuracy_after_autoencoder_roundtrip():
+    contents, x = _synthetic(300, 99)
+    vae = B.load_vae(D.DETECTOR_DIR.parent / "clean" / "vae")
+    shapes, colours = D.classify(B.roundtrip(vae, x))
+    acc = sum(s == c.shape and k == c.colour for s, k, c in zip(shapes, colours, contents)) / len(contents)
+    assert acc >= 0.99
+
+
+def test_patch_and_grayscale_detectors():
+    _, plain = _synthetic(200, 5)
+    _, patched = _synthetic(200, 5, patch=True)
+    assert not D.patch_present(plain).any()
+    assert D.patch_present(patched).all()
+    assert not D.is_grayscale(plain).any()
+    assert D.is_grayscale(W.to_grayscale(plain)).all()
+
+
+def test_patch_and_grayscale_survive_autoencoder():
+    vae = B.load_vae(D.DETECTOR_DIR.parent / "clean" / "vae")
+    _, plain = _synthetic(100, 6)
+    _, patched = _synthetic(100, 6, patch=True)
+    assert D.patch_present(B.roundtrip(vae, patched)).all()
+    assert not D.patch_present(B.roundtrip(vae, plain)).any()
+    assert D.is_grayscale(B.roundtrip(vae, W.to_grayscale(plain))).all()
+    assert not D.is_grayscale(B.roundtrip(vae, plain)).any()
+    err = (B.roundtrip(vae, plain) - plain).abs().mean().item() * 255
+    assert err < 6.0
