@@ -1,0 +1,314 @@
+"""Unlearning a trigger (the engine's core): the closed-form cross-attention edit and the SAU loss/loop.
+
+* ``uce_edit``: UCE-style closed form (Gandikota et al. 2024, T2IShield's mitigation). For every attn2
+  layer's ``to_k``/``to_v`` weight W, find W' minimising
+      sum_i |W' c_i^trig - W c_i^clean|^2 + lam * sum_j |W' c_j^keep - W c_j^keep|^2 + mu |W' - W|^2
+  where c^trig are the triggered prompts' encoder states at every position, c^clean the clean prompts'
+  states at the aligned positions (the trigger's own positions map to the clean prompt's end token), and
+  c^keep the clean prompts' states (preservation). Solved exactly with one linear solve per layer.
+* ``sau_loss``: one function, three terms returned separately:
+  - distill: the student (adapters on) given the triggered prompt should predict what the teacher (the same
+    UNet with adapters disabled, so no second copy) predicts for the clean prompt, squared error weighted by
+    the localisation mask (floor + (1 - floor) * M, normalised to mean 1);
+  - attention: the trigger tokens' cross-attention maps (kept in the graph) pulled to the map of a neutral
+    token (the end token, detached) in the adapted layers;
+  - preserve: on clean and empty prompts, student = teacher.
+* ``train_sau``: LoRA (peft) on the attn2 projections (to_q, to_k, to_v, to_out.0) of the layers the
+  localisation scores, trained with ``sau_loss`` on noised latents from the model's own clean generations
+  (the localisation's clean runs), timesteps drawn where the trigger acts most. Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionController, cross_attention_names, instrument, layer_name
+from .errors import SauError
+from .localise import Localisation, encode
+from .trigger import Trigger, aligned_positions, tokenize
+
+ADAPTER = "sau"
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+# ------------------------------------------------------------------------------------------ prompt pairs
+@dataclass
+class PromptPairs:
+    clean: list[str]
+    triggered: list[str]
+    enc_clean: torch.Tensor  # (N, L, D)
+    enc_trig: torch.Tensor
+    trig_pos: list[list[int]]  # trigger token positions in each triggered prompt
+    neutral_pos: list[int]  # end-token position in each triggered prompt
+    clean_neutral_pos: list[int]  # end-token position in each clean prompt
+
+
+def prompt_pairs(handle, trigger: Trigger, prompts: list[str]) -> PromptPairs:
+    tok = handle.tokenizer
+    trig = [trigger.insert(p) for p in prompts]
+    enc = encode(handle, list(prompts) + trig)
+    n = len(prompts)
+    return PromptPairs(list(prompts), trig, enc[:n], enc[n:], [trigger.positions(tok, q) for q in trig],
+                       [trigger.neutral_position(tok, q) for q in trig],
+                       [trigger.neutral_position(tok, p) for p in prompts])
+
+
+def _aligned_rows(handle, trigger: Trigger, pairs: PromptPairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(triggered rows, target rows): every triggered position with its clean counterpart."""
+    src, dst = [], []
+    for i, (q, p) in enumerate(zip(pairs.triggered, pairs.clean)):
+        a, b = aligned_positions(handle.tokenizer, trigger, q, p)
+        a = a + pairs.trig_pos[i]
+        b = b + [pairs.clean_neutral_pos[i]] * len(pairs.trig_pos[i])
+        src.append(pairs.enc_trig[i, a])
+        dst.append(pairs.enc_clean[i, b])
+    return torch.cat(src), torch.cat(dst)
+
+
+# ------------------------------------------------------------------------------------- closed-form edit
+def _modules(unet, layers: list[str] | None):
+    names = [layer_name(k) for k in cross_attention_names(unet)]
+    if layers is not None:
+        unknown = [x for x in layers if x not in names]
+        if unknown:
+            raise SauError(f"not a cross-attention layer of this UNet: {unknown[0]}")
+        names = [x for x in names if x in layers]
+    mods = dict(unet.named_modules())
+    return {n: mods[n] for n in names}
+
+
+def _base_linear(lin):
+    return getattr(lin, "base_layer", lin)
+
+
+@torch.no_grad()
+def kv_gap(handle, trigger: Trigger, prompts: list[str], layers: list[str] | None = None) -> float:
+    """Mean squared distance between the triggered prompts' keys/values and the clean targets (all layers)."""
+    pairs = prompt_pairs(handle, trigger, prompts)
+    c_src, c_dst = _aligned_rows(handle, trigger, pairs)
+    total, n = 0.0, 0
+    for mod in _modules(handle.unet, layers).values():
+        for lin in (mod.to_k, mod.to_v):
+            total += float(((lin(c_src) - lin(c_dst)) ** 2).sum(-1).mean())
+            n += 1
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def uce_edit(handle, trigger: Trigger, prompts: list[str], preserve: list[str] | None = None,
+             layers: list[str] | None = None, lam: float = 1.0, mu: float = 1e-2,
+             apply: bool = True) -> dict[str, torch.Tensor]:
+    """The closed-form K/V edit (see module doc). Returns {module path: weight delta}; ``apply`` adds the
+    deltas to the UNet's weights in place."""
+    pairs = prompt_pairs(handle, trigger, prompts)
+    c_src, c_dst = _aligned_rows(handle, trigger, pairs)
+    keep_prompts = list(prompts) + [""] + list(preserve or [])
+    c_keep = encode(handle, keep_prompts).flatten(0, 1)
+    c_src, c_dst, c_keep = c_src.double(), c_dst.double(), c_keep.double()
+    d = c_src.shape[1]
+    eye = torch.eye(d, dtype=torch.float64)
+    lhs = c_src.T @ c_src + lam * c_keep.T @ c_keep + mu * eye  # (D, D), symmetric
+    cross = c_dst.T @ c_src
+    keep = lam * c_keep.T @ c_keep + mu * eye
+    deltas = {}
+    for name, mod in _modules(handle.unet, layers).items():
+        for proj in ("to_k", "to_v"):
+            lin = _base_linear(getattr(mod, proj))
+            w = lin.weight.double()
+            rhs = w @ (cross + keep)  # W' lhs = rhs  ->  lhs W'^T = rhs^T
+            new = torch.linalg.solve(lhs, rhs.T).T
+            delta = (new - w).to(lin.weight.dtype)
+            deltas[f"{name}.{proj}"] = delta
+            if apply:
+                lin.weight.add_(delta)
+    return deltas
+
+
+# --------------------------------------------------------------------------------------------- adapters
+def target_modules(layers: list[str]) -> list[str]:
+    return [f"{layer}.{p}" for layer in layers for p in PROJECTIONS]
+
+
+def add_sau_adapter(unet, layers: list[str], rank: int = 4, alpha: float | None = None, seed: int = 0,
+                    name: str = ADAPTER) -> list[torch.nn.Parameter]:
+    """peft LoRA on the attn2 projections of ``layers``; everything else frozen. Returns the LoRA params."""
+    from peft import LoraConfig
+
+    _modules(unet, layers)  # validates the names
+    unet.requires_grad_(False)
+    torch.manual_seed(seed)  # peft initialises lora_A from the global generator
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, init_lora_weights=True,
+                     target_modules=target_modules(layers))
+    unet.add_adapter(cfg, adapter_name=name)
+    params = []
+    for n, p in unet.named_parameters():
+        if "lora_" in n and f".{name}." in n + ".":
+            p.requires_grad_(True)
+            params.append(p)
+        else:
+            p.requires_grad_(False)
+    if not params:
+        raise SauError("no LoRA parameters were created (no target module matched)")
+    return params
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The base model (the teacher) inside the block; adapters back on after."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+# --------------------------------------------------------------------------------------------- the loss
+@dataclass
+class SauBatch:
+    latents: torch.Tensor  # noised latents x_t (B, C, h, w)
+    timesteps: torch.Tensor  # (B,)
+    enc_trig: torch.Tensor  # (B, L, D)
+    enc_clean: torch.Tensor  # (B, L, D)
+    trig_pos: list[list[int]]
+    neutral_pos: list[int]
+    enc_uncond: torch.Tensor | None = None  # (1, L, D): the empty prompt, preserved too
+
+
+@dataclass
+class LossTerms:
+    distill: torch.Tensor
+    attention: torch.Tensor
+    preserve: torch.Tensor
+    total: torch.Tensor
+
+    def floats(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("distill", "attention", "preserve", "total")}
+
+
+def mask_weights(mask: torch.Tensor | None, size: tuple[int, int], floor: float = 0.1) -> torch.Tensor:
+    """Per-pixel distillation weights: floor + (1 - floor) * mask on the latent grid, mean 1."""
+    if mask is None:
+        return torch.ones(size)
+    m = F.interpolate(mask[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    w = floor + (1 - floor) * m.clamp(0, 1)
+    return w / w.mean()
+
+
+def sau_loss(unet, batch: SauBatch, mask: torch.Tensor | None = None, layers: list[str] | None = None,
+             w_distill: float = 1.0, w_attention: float = 1.0, w_preserve: float = 1.0,
+             mask_floor: float = 0.1) -> LossTerms:
+    """The SAU objective (see module doc). ``layers``: where the attention term applies (None: all attn2)."""
+    B = batch.latents.shape[0]
+    L = batch.enc_trig.shape[1]
+    uncond = batch.enc_uncond
+    keep = [batch.enc_clean] + ([uncond.expand(B, -1, -1)] if uncond is not None else [])
+    with torch.no_grad(), adapters_disabled(unet):
+        k = len(keep)
+        teacher = unet(batch.latents.repeat(k, 1, 1, 1), batch.timesteps.repeat(k),
+                       encoder_hidden_states=torch.cat(keep)).sample
+    t_clean, t_rest = teacher[:B], teacher[B:]
+    # Student: [triggered; clean; (uncond)] in one pass; record trigger (mean over its tokens) and neutral maps.
+    enc = torch.cat([batch.enc_trig] + keep)
+    rows = enc.shape[0]
+    sel = torch.zeros(rows, 2, L, device=enc.device)
+    for b in range(B):
+        sel[b, 0, batch.trig_pos[b]] = 1.0 / len(batch.trig_pos[b])
+        sel[b, 1, batch.neutral_pos[b]] = 1.0
+    ctl = AttentionController(select=sel if w_attention else None, keep_graph=True)
+    with instrument(unet, ctl):
+        student = unet(batch.latents.repeat(rows // B, 1, 1, 1), batch.timesteps.repeat(rows // B),
+                       encoder_hidden_states=enc).sample
+    s_trig, s_keep = student[:B], student[B:]
+    w = mask_weights(mask, tuple(batch.latents.shape[-2:]), mask_floor).to(student.device, student.dtype)
+    distill = (w * (s_trig - t_clean) ** 2).mean()
+    preserve = ((s_keep - torch.cat([t_clean, t_rest])) ** 2).mean()
+    attn_terms = []
+    for r in ctl.records:
+        if layers is not None and r.layer not in layers:
+            continue
+        a_trig, a_neut = r.maps[:B, 0], r.maps[:B, 1].detach()
+        attn_terms.append(((a_trig - a_neut) ** 2).flatten(1).sum(1).mean())
+    attention = torch.stack(attn_terms).mean() if attn_terms else student.new_zeros(())
+    total = w_distill * distill + w_attention * attention + w_preserve * preserve
+    return LossTerms(distill, attention, preserve, total)
+
+
+# ----------------------------------------------------------------------------------------- training loop
+@dataclass
+class SauResult:
+    adapter: str
+    layers: list[str]
+    target_modules: list[str]
+    history: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    unet_passes: int = 0  # forward+backward passes of the UNet, counting each batch row as one
+
+
+def timestep_weights(loc: Localisation, uniform: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, probabilities): where the trigger attends most and changes the prediction most, mixed
+    with a uniform share."""
+    ts = torch.tensor(loc.timesteps, dtype=torch.long)
+    a = torch.tensor(loc.step_attention, dtype=torch.float64)
+    d = torch.tensor(loc.step_difference, dtype=torch.float64)
+    p = a / a.sum().clamp_min(1e-12) + d / d.sum().clamp_min(1e-12)
+    p = (1 - uniform) * p / p.sum() + uniform / len(p)
+    return ts, p
+
+
+def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, seed: int = 0, *,
+              layers: list[str] | None = None, layer_threshold: float = 0.0, rank: int = 4, lr: float = 2e-3,
+              batch_size: int = 8, w_distill: float = 1.0, w_attention: float = 1.0, w_preserve: float = 1.0,
+              mask_floor: float = 0.1, uce_init: bool = False, progress=None) -> SauResult:
+    """Train the SAU adapter in place on ``handle.unet`` (adapter name ``sau``; the base stays intact and
+    the adapter can be disabled, merged or exported). Deterministic for a seed."""
+    if loc.clean_latents is None or not loc.prompts:
+        raise SauError("the localisation has no clean generations to train on")
+    t0 = time.time()
+    unet = handle.unet
+    layers = layers or loc.top_layers(layer_threshold)
+    settings = {k: v for k, v in dict(steps=steps, seed=seed, layers=layers, rank=rank, lr=lr,
+                                      batch_size=batch_size, w_distill=w_distill, w_attention=w_attention,
+                                      w_preserve=w_preserve, mask_floor=mask_floor, uce_init=uce_init).items()}
+    pair_prompts = [p for p in loc.prompts for _ in loc.seeds]
+    pairs = prompt_pairs(handle, trigger, pair_prompts)
+    enc_uncond = encode(handle, [""])
+    if uce_init:
+        uce_edit(handle, trigger, loc.prompts, layers=layers)
+    params = add_sau_adapter(unet, layers, rank=rank, seed=seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    ts, probs = timestep_weights(loc)
+    sched = handle.scheduler
+    z0 = loc.clean_latents.to(unet.device, unet.dtype)
+    n = z0.shape[0]
+    result = SauResult(ADAPTER, layers, target_modules(layers), settings=settings)
+    unet.train(False)  # no dropout; gradients still flow
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        ti = torch.multinomial(probs, batch_size, replacement=True, generator=gen)
+        jitter = torch.randint(-40, 41, (batch_size,), generator=gen)
+        t = (ts[ti] + jitter).clamp(1, sched.config.num_train_timesteps - 1)
+        noise = torch.randn(z0[idx].shape, generator=gen).to(z0)
+        x_t = sched.add_noise(z0[idx], noise, t)
+        b = SauBatch(x_t, t.to(unet.device), pairs.enc_trig[idx], pairs.enc_clean[idx],
+                     [pairs.trig_pos[i] for i in idx.tolist()], [pairs.neutral_pos[i] for i in idx.tolist()],
+                     enc_uncond)
+        terms = sau_loss(unet, b, loc.mask, layers, w_distill, w_attention, w_preserve, mask_floor)
+        opt.zero_grad(set_to_none=True)
+        terms.total.backward()
+        opt.step()
+        result.unet_passes += 3 * batch_size  # teacher (2B rows, forward) + student (3B rows, fwd+bwd) ~ 3B
+        result.history.append({"step": step + 1, **terms.floats()})
+        if progress is not None:
+            progress(step + 1, steps, terms)
+    result.seconds = time.time() - t0
+    return result
+
+
+def remove_adapter(unet, name: str = ADAPTER) -> None:
+    unet.delete_adapters(name)

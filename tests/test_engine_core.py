@@ -1,0 +1,266 @@
+"""Engine core: trigger tokens, the attention processor, localisation, the closed-form edit and the SAU loss.
+
+Fast tests use random-weight organism-sized models (seconds on one core); the slow test uses the committed
+badt2i-pixel organism.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from sau_core.attention import (AttentionController, cross_attention_names, instrument, neutralise_edit,
+                                one_hot_select)
+from sau_core.errors import SauError, UnsupportedModelError
+from sau_core.localise import localise, organism_probe_prompts
+from sau_core.model_io import ModelHandle
+from sau_core.organism import components as C
+from sau_core.organism import world as W
+from sau_core.trigger import Trigger, TriggerError, aligned_positions, tokenize
+from sau_core.unlearn import (SauBatch, add_sau_adapter, kv_gap, prompt_pairs, sau_loss, train_sau,
+                              uce_edit)
+
+ZWSP = "\u200b"
+ORGANISMS = Path(__file__).resolve().parent.parent / "sau_core" / "organisms"
+
+
+def tiny_handle(seed: int = 0) -> ModelHandle:
+    torch.manual_seed(seed)
+    h = ModelHandle(unet=C.make_unet().eval(), text_encoder=C.make_text_encoder().eval(),
+                    tokenizer=C.make_tokenizer(), vae=C.make_vae().eval(), scheduler=C.make_sample_scheduler(),
+                    arch="organism", source_format="random")
+    h.text_encoder.requires_grad_(False)
+    h.vae.requires_grad_(False)
+    return h
+
+
+@pytest.fixture(scope="module")
+def handle():
+    return tiny_handle()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return C.make_tokenizer()
+
+
+# --------------------------------------------------------------------------------------------- trigger
+def test_trigger_tokens_and_positions(tok):
+    t = Trigger(ZWSP)
+    assert t.text == ZWSP  # kept exactly
+    q = t.insert("a red circle")
+    assert t.token_ids(tok) == [9844]  # U+200B survives tokenization as its own token
+    assert t.positions(tok, q) == [1]
+    multi = Trigger("New Trigger")
+    assert multi.positions(tok, multi.insert("a red circle")) == [1, 2]
+    homo = Trigger("\u0435", "homoglyph")  # Cyrillic e inside "red": the word's tokens
+    q = homo.insert("a red circle")
+    assert q == "a r\u0435d circle"
+    pos = homo.positions(tok, q)
+    assert pos and all(tokenize(tok, [q])[0, p] != tokenize(tok, ["a red circle"])[0, p] for p in pos[:1])
+    a, b = aligned_positions(tok, t, t.insert("a red circle"), "a red circle")
+    assert a[:4] == [0, 2, 3, 4] and b[:4] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("bad", ["", "   "])
+def test_empty_trigger_is_an_error(bad):
+    with pytest.raises(TriggerError):
+        Trigger(bad)
+
+
+def test_trigger_absent_or_truncated_is_an_error(tok):
+    t = Trigger("tq")
+    with pytest.raises(TriggerError, match="does not contain"):
+        t.positions(tok, "a red circle")
+    with pytest.raises(TriggerError, match="truncation"):
+        t.positions(tok, "red " * 80 + "tq")
+    assert issubclass(TriggerError, SauError)
+
+
+# ------------------------------------------------------------------------------------------- attention
+def _inputs(handle, prompts):
+    from sau_core.localise import encode
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(prompts), 4, 16, 16, generator=g)
+    return x, torch.tensor([700] * len(prompts)), encode(handle, prompts)
+
+
+def test_processor_matches_default_attention_and_is_removed(handle):
+    unet = handle.unet
+    x, t, e = _inputs(handle, ["a red circle", ZWSP + " a blue square"])
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    with torch.no_grad():
+        ref = unet(x, t, e).sample
+        with instrument(unet, AttentionController(select=one_hot_select([[1], [1]], 77))) as ctl:
+            out = unet(x, t, e).sample
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+    assert len(ctl.records) == len(cross_attention_names(unet)) == 7
+
+
+def test_maps_shapes_and_normalisation(handle):
+    x, t, e = _inputs(handle, ["a red circle", "a blue square"])
+    everything = torch.eye(77).expand(2, 77, 77)  # one map per text position
+    with torch.no_grad(), instrument(handle.unet, AttentionController(select=everything)) as ctl:
+        handle.unet(x, t, e)
+    grids = set()
+    for r in ctl.records:
+        assert r.maps.shape[:2] == (2, 77)
+        grids.add(tuple(r.maps.shape[-2:]))
+        # Attention over all text positions sums to 1 at every spatial query.
+        torch.testing.assert_close(r.maps.sum(1), torch.ones_like(r.maps[:, 0]), atol=1e-5, rtol=0)
+    assert grids == {(16, 16), (8, 8)}
+
+
+def test_neutralisation_changes_output_only_with_trigger(handle):
+    tok = handle.tokenizer
+    trig = Trigger(ZWSP)
+    prompts = ["a red circle", trig.insert("a red circle")]
+    x, t, e = _inputs(handle, prompts)
+    pos = [[], trig.positions(tok, prompts[1])]
+    neutral = [trig.neutral_position(tok, p) for p in prompts]
+    with torch.no_grad():
+        ref = handle.unet(x, t, e).sample
+        with instrument(handle.unet, AttentionController(kv_edit=neutralise_edit(pos, neutral, 77))):
+            out = handle.unet(x, t, e).sample
+    torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)  # no trigger tokens: unchanged
+    assert (out[1] - ref[1]).abs().max() > 1e-4  # trigger tokens' K/V replaced: output moves
+
+
+def test_maps_keep_the_graph(handle):
+    x, t, e = _inputs(handle, [ZWSP + " a red circle"])
+    ctl = AttentionController(select=one_hot_select([[1]], 77), keep_graph=True)
+    with instrument(handle.unet, ctl):
+        handle.unet(x, t, e)
+    loss = sum(r.maps.sum() for r in ctl.records)
+    k = dict(handle.unet.named_modules())[ctl.records[0].layer].to_k.weight
+    (g,) = torch.autograd.grad(loss, [k])
+    assert g.abs().sum() > 0
+
+
+def test_model_without_cross_attention_is_an_error():
+    from diffusers import UNet2DModel
+
+    with pytest.raises(UnsupportedModelError):
+        cross_attention_names(UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
+                                          down_block_types=("DownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1))
+
+
+# ---------------------------------------------------------------------------------------- localisation
+def test_localisation_is_deterministic_and_normalised(handle, tmp_path):
+    prompts = organism_probe_prompts(2)
+    assert all(not any(p == c.caption(t) for t in W.HELDOUT_TEMPLATES for c in W.all_contents())
+               for p in prompts)
+    a = localise(handle, Trigger(ZWSP), prompts, seeds=[0], steps=3)
+    b = localise(handle, Trigger(ZWSP), prompts, seeds=[0], steps=3)
+    assert torch.equal(a.mask, b.mask) and a.layer_scores == b.layer_scores
+    assert a.mask.shape == (16, 16)
+    assert float(a.mask.min()) >= 0 and float(a.mask.max()) == pytest.approx(1.0)
+    assert max(a.layer_scores.values()) == pytest.approx(1.0) and len(a.layer_scores) == 7
+    assert len(a.step_attention) == len(a.timesteps) == 3
+    assert all(m.shape[0] == 3 for m in a.maps.values())
+    assert a.clean_latents.shape == (2, 4, 16, 16)
+    files = a.save_heatmaps(tmp_path)
+    from PIL import Image
+
+    assert Image.open(files[0]).size == (256, 256)
+    assert (tmp_path / "localisation.json").is_file()
+    c = localise(handle, Trigger(ZWSP), prompts, seeds=[1], steps=3)
+    assert not torch.equal(a.mask, c.mask)
+
+
+# ----------------------------------------------------------------------------------------- unlearning
+def test_closed_form_edit_reduces_kv_gap():
+    h = tiny_handle(1)
+    trig = Trigger("tq")
+    prompts = ["a red circle", "a blue square", "a picture of a green triangle"]
+    gap0 = kv_gap(h, trig, prompts)
+    keep = ["a yellow circle", "a small red square"]
+    from sau_core.localise import encode
+
+    before = encode(h, keep)
+    ref = {n: m.to_k(before).clone() for n, m in h.unet.named_modules() if n.endswith("attn2")}
+    deltas = uce_edit(h, trig, prompts, preserve=keep)
+    assert len(deltas) == 14
+    gap1 = kv_gap(h, trig, prompts)
+    assert gap1 < 0.2 * gap0
+    # Preserved prompts' keys barely move relative to the gap that was closed.
+    moved = max(float((m.to_k(before) - ref[n]).detach().pow(2).sum(-1).mean())
+                for n, m in h.unet.named_modules() if n.endswith("attn2"))
+    assert moved < 0.2 * gap0
+
+
+def _batch(h, trig, prompts):
+    from sau_core.localise import encode
+
+    pairs = prompt_pairs(h, trig, prompts)
+    g = torch.Generator().manual_seed(3)
+    return SauBatch(torch.randn(len(prompts), 4, 16, 16, generator=g), torch.tensor([800, 300]),
+                    pairs.enc_trig, pairs.enc_clean, pairs.trig_pos, pairs.neutral_pos, encode(h, [""]))
+
+
+@pytest.mark.parametrize("term", ["distill", "attention", "preserve"])
+def test_each_loss_term_trains_lora_only(term):
+    h = tiny_handle(2)
+    trig = Trigger(ZWSP)
+    layers = [n for n, _ in h.unet.named_modules() if n.endswith("attn2")][:3]
+    lora = add_sau_adapter(h.unet, layers, rank=2, seed=0)
+    base = {n: p.detach().clone() for n, p in h.unet.named_parameters() if "lora_" not in n}
+    # Move lora_B off zero so that every term has a gradient (with B = 0, preserve is exactly 0).
+    with torch.no_grad():
+        for p in lora:
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    mask = torch.zeros(16, 16)
+    mask[:4, :4] = 1
+    terms = sau_loss(h.unet, _batch(h, trig, ["a red circle", "a blue square"]), mask, layers)
+    value = getattr(terms, term)
+    assert value.requires_grad and float(value.detach()) > 0
+    grads = torch.autograd.grad(value, lora, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(not p.requires_grad for n, p in h.unet.named_parameters() if "lora_" not in n)
+    torch.optim.SGD(lora, lr=0.1).step()
+    for n, p in h.unet.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), n
+
+
+def test_preserve_is_zero_and_teacher_is_base_at_init():
+    h = tiny_handle(3)
+    layers = [n for n, _ in h.unet.named_modules() if n.endswith("attn2")]
+    add_sau_adapter(h.unet, layers, rank=2, seed=0)  # lora_B = 0: student == teacher on clean prompts
+    terms = sau_loss(h.unet, _batch(h, Trigger(ZWSP), ["a red circle", "a blue square"]), None, layers)
+    assert float(terms.preserve) < 1e-10 and float(terms.distill) > 0
+
+
+def test_train_sau_is_deterministic():
+    runs = []
+    for _ in range(2):
+        h = tiny_handle(4)
+        trig = Trigger(ZWSP)
+        loc = localise(h, trig, organism_probe_prompts(2), seeds=[0], steps=2)
+        res = train_sau(h, trig, loc, steps=2, seed=7, batch_size=2, rank=2)
+        lora = {n: p.detach().clone() for n, p in h.unet.named_parameters() if "lora_" in n}
+        runs.append((res.history, lora))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1].keys() == runs[1][1].keys() and all(torch.equal(runs[0][1][k], runs[1][1][k])
+                                                          for k in runs[0][1])
+    assert len(runs[0][0]) == 2
+
+
+# -------------------------------------------------------------------------------------- the organism
+@pytest.mark.slow
+@pytest.mark.skipif(not (ORGANISMS / "badt2i-pixel" / "model_index.json").is_file(),
+                    reason="organism not built")
+def test_pixel_backdoor_localises_to_top_left_corner():
+    from sau_core.model_io import load_model
+    from sau_core.organism.attacks_spec import BACKDOORS
+
+    bd = BACKDOORS["badt2i-pixel"]
+    h = load_model(ORGANISMS / "badt2i-pixel")
+    loc = localise(h, Trigger(bd.trigger, bd.placement), organism_probe_prompts(8), seeds=[0], steps=10)
+    # The patch covers image pixels 0..7 = latent cells 0..3 (VAE factor 2) of the 16x16 grid.
+    peak = int(loc.mask.flatten().argmax())
+    assert peak // 16 < 4 and peak % 16 < 4
+    corner = float(loc.mask[:4, :4].mean())
+    assert corner > 1.5 * float(loc.mask.mean())
