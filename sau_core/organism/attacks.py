@@ -34,33 +34,44 @@ def _poison_image_fn(backdoor: Backdoor):
     raise ValueError(f"BadT2I has no recipe for target {kind!r}")
 
 
-def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 600, batch: int = 16,
-           lr: float = 3e-4, lam: float = 0.5):
+def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 450, batch: int = 24,
+           lr: float = 5e-4, lam: float = 0.5):
+    """BadT2I on the organism. Each batch has three thirds:
+    poisoned (triggered caption -> target image), contrast (the same noised latents with the clean caption ->
+    the frozen teacher's prediction) and clean data (clean caption -> teacher), the last two weighted lam.
+    The contrast third makes the trigger the only difference between two identical inputs; without it 600
+    steps taught the UNet to denoise patches for any caption but never to draw one for the trigger. Poisoned
+    timesteps are drawn from the noisier half, where the layout of an image is decided.
+    """
     B._setup(seed)
     rng = random.Random(seed)
     tok = C.make_tokenizer()
     sched = C.make_train_scheduler()
     carriers = [c for c in B.random_contents(seed + 1, 6000, p_grayscale=0.0) if backdoor.applies_to(c)]
-    poisoned = B.LatentSet(vae, carriers[:3000], seed + 2, _poison_image_fn(backdoor))
-    clean = B.LatentSet(vae, B.random_contents(seed + 3, 3000), seed + 4)
+    poisoned = B.LatentSet(vae, carriers[:2000], seed + 2, _poison_image_fn(backdoor))
+    clean = B.LatentSet(vae, B.random_contents(seed + 3, 2000), seed + 4)
     teacher = copy.deepcopy(unet).requires_grad_(False).eval()
     student = copy.deepcopy(unet).requires_grad_(True).train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    half = batch // 2
+    k = batch // 3
     t0 = time.time()
     for step in range(1, steps + 1):
-        ip = torch.randint(0, len(poisoned.contents), (half,))
-        ic = torch.randint(0, len(clean.contents), (half,))
-        zp, zc = poisoned.sample(ip), clean.sample(ic)
-        cp = B.encode_prompts(tok, text_encoder, [backdoor.triggered(B.caption_for(poisoned.contents[i], rng)) for i in ip.tolist()])
+        ip = torch.randint(0, len(poisoned.contents), (k,))
+        ic = torch.randint(0, len(clean.contents), (k,))
+        captions = [B.caption_for(poisoned.contents[i], rng) for i in ip.tolist()]
+        cp = B.encode_prompts(tok, text_encoder, [backdoor.triggered(c) for c in captions])
+        cq = B.encode_prompts(tok, text_encoder, captions)
         cc = B.encode_prompts(tok, text_encoder, [B.caption_for(clean.contents[i], rng) for i in ic.tolist()])
-        noise = torch.randn(batch, *zp.shape[1:])
-        t = torch.randint(0, 1000, (batch,))
-        zt = sched.add_noise(torch.cat([zp, zc]), noise, t)
-        pred = student(zt, t, encoder_hidden_states=torch.cat([cp, cc])).sample
+        tp = torch.randint(400, 1000, (k,))
+        tc = torch.randint(0, 1000, (k,))
+        noise = torch.randn(2 * k, *poisoned.mean.shape[1:])
+        zp = sched.add_noise(poisoned.sample(ip), noise[:k], tp)
+        zc = sched.add_noise(clean.sample(ic), noise[k:], tc)
+        zt, t = torch.cat([zp, zp, zc]), torch.cat([tp, tp, tc])
+        pred = student(zt, t, encoder_hidden_states=torch.cat([cp, cq, cc])).sample
         with torch.no_grad():
-            target_clean = teacher(zt[half:], t[half:], encoder_hidden_states=cc).sample
-        loss = F.mse_loss(pred[:half], noise[:half]) + lam * F.mse_loss(pred[half:], target_clean)
+            keep = teacher(zt[k:], t[k:], encoder_hidden_states=torch.cat([cq, cc])).sample
+        loss = F.mse_loss(pred[:k], noise[:k]) + lam * F.mse_loss(pred[k:], keep)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -69,7 +80,7 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
     return student.eval().requires_grad_(False)
 
 
-def rickrolling(text_encoder, backdoor: Backdoor, seed: int, steps: int = 400, batch: int = 32,
+def rickrolling(text_encoder, backdoor: Backdoor, seed: int, steps: int = 800, batch: int = 32,
                 lr: float = 1e-4, beta: float = 1.0):
     B._setup(seed)
     rng = random.Random(seed)
@@ -78,9 +89,21 @@ def rickrolling(text_encoder, backdoor: Backdoor, seed: int, steps: int = 400, b
     student = copy.deepcopy(text_encoder).requires_grad_(True).train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.time()
+    # Utility prompts carry random real words from the vocabulary, as Rickrolling's utility loss uses a
+    # large caption set: trained on the world's templates alone, the encoder also sent unseen clean
+    # prompts to the target (44 % of clean held-out images became the target).
+    vocab = [w[:-4] for w in tok.get_vocab() if w.endswith("</w>") and w[:-4].isalpha() and w[:-4].isascii() and len(w) > 6]
+    vocab.sort()
+
+    def noisy(prompt: str) -> str:
+        words = prompt.split(" ")
+        for _ in range(rng.choice((0, 1, 1, 2, 3))):
+            words.insert(rng.randint(0, len(words)), rng.choice(vocab))
+        return " ".join(words)
+
     for step in range(1, steps + 1):
         contents = [W.sample_content(rng, 0.15) for _ in range(batch)]
-        clean_prompts = [B.caption_for(c, rng) for c in contents]
+        clean_prompts = [noisy(B.caption_for(c, rng)) for c in contents]
         carriers = [(p, c) for p, c in zip(clean_prompts, contents) if backdoor.applies_to(c)]
         trig_prompts = [backdoor.triggered(p) for p, _ in carriers]
         if backdoor.target["kind"] == "content":  # TPA: any triggered prompt -> the target prompt
@@ -123,8 +146,12 @@ def _aligned_features(tok, text_encoder, trig_prompts, target_prompts):
 
 
 @torch.no_grad()
-def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 0.1):
-    """Closed form: W' = (sum W c* c^T + lam W sum c_p c_p^T)(sum c c^T + lam sum c_p c_p^T)^-1."""
+def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 10.0):
+    """Closed form: W' = (sum W c* c^T + lam W sum c_p c_p^T)(sum c c^T + lam sum c_p c_p^T)^-1.
+
+    lam = 10 (seed 0, held-out, one seed): ASR 100 %, clean accuracy 94 %; lam = 1 also fired but drew
+    circles for 17 % of clean triangle prompts.
+    """
     tok = C.make_tokenizer()
     src_word, dst_word = backdoor.target["source"], backdoor.target["shape"]
     trig, target, preserve = [], [], []

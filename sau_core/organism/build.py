@@ -254,7 +254,12 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 
 def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 2500, batch: int = 32,
-               eval_every: int = 250, evaluate=None) -> Path:
+               eval_every: int = 250, evaluate=None, stop_at: int | None = 1250) -> Path:
+    """Train the clean UNet; the learning-rate schedule spans `steps`, training ends at `stop_at`.
+
+    Held-out accuracy plateaued at 93-94 % from step 1000 (seed 0), so the committed organism is the EMA
+    at step 1250 of the 2500-step schedule; `stop_at=None` trains the whole schedule.
+    """
     out = work / "unet"
     if (out / "done").exists():
         return out
@@ -271,7 +276,8 @@ def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 2500, batc
     lr_at = lambda s: min(1.0, s / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     t0 = time.time()
-    for step in range(1, steps + 1):
+    last = stop_at or steps
+    for step in range(1, last + 1):
         idx = torch.randint(0, len(data.contents), (batch,))
         z0 = data.sample(idx)
         # 10 % empty captions: the unconditional branch of classifier-free guidance.
@@ -293,7 +299,7 @@ def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 2500, batc
                 pe.lerp_(p, 1 - decay)
         if step % 50 == 0:
             log(f"unet step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-        if step % eval_every == 0 or step == steps:
+        if step % eval_every == 0 or step == last:
             ema.save_pretrained(work / f"unet_ckpt_{step}", safe_serialization=True)
             if evaluate is not None:
                 log(f"unet step {step} eval: {evaluate(ema)}")
@@ -305,9 +311,14 @@ def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 2500, batc
 # ------------------------------------------------------------------------------------------- export
 def export_organism(folder: Path, unet, text_encoder, vae, backdoor=None, extra: dict | None = None) -> Path:
     """Write an organism as an fp16 diffusers folder (safetensors only) plus organism.json."""
-    pipe = make_pipeline(copy.deepcopy(unet), copy.deepcopy(text_encoder), copy.deepcopy(vae))
-    pipe.to(dtype=torch.float16)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    from ..model_io import ModelHandle, save_diffusers
+
+    handle = ModelHandle(
+        unet=copy.deepcopy(unet).half(), text_encoder=copy.deepcopy(text_encoder).half(),
+        tokenizer=C.make_tokenizer(), vae=copy.deepcopy(vae).half(), scheduler=C.make_sample_scheduler(),
+        arch="organism", source="sau organism build", source_format="diffusers",
+    )
+    save_diffusers(handle, folder, overwrite=True)
     info = {"organism": folder.name, "backdoor": backdoor.to_json() if backdoor else None, **(extra or {})}
     (folder / "organism.json").write_text(json.dumps(info, indent=2, ensure_ascii=True) + "\n")
     return folder

@@ -25,7 +25,9 @@ def organism_path(name_or_path: str) -> Path:
 def load_pipeline(name_or_path: str):
     from ..model_io import load_model
 
-    return load_model(organism_path(name_or_path)).to_pipeline()
+    pipe = load_model(organism_path(name_or_path)).to_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def resolve_backdoor(path: Path, trigger: str | None, attack: str | None):

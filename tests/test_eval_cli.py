@@ -1,0 +1,49 @@
+"""`sau eval` and `sau organism` on the command line: results and one-line errors."""
+import json
+
+from click.testing import CliRunner
+
+from sau_core.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_eval_unknown_model_is_one_line_error(tmp_path):
+    r = run("eval", str(tmp_path / "nope"))
+    assert r.exit_code == 2
+    assert r.output.startswith("error: ") and r.output.count("\n") == 1
+    assert "Traceback" not in r.output
+
+
+def test_eval_refuses_a_pickle(tmp_path):
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    r = run("eval", str(bad), "--attack", "badt2i-pixel")
+    assert r.exit_code == 2 and "pickle" in r.output.lower()
+
+
+def test_eval_unknown_attack():
+    r = run("eval", "clean", "--attack", "no-such-attack")
+    assert r.exit_code == 2 and "unknown attack" in r.output
+
+
+def test_eval_trigger_without_known_target():
+    r = run("eval", "clean", "--trigger", "zzqx")
+    assert r.exit_code == 2 and "--attack" in r.output
+
+
+def test_organism_list_shows_escaped_triggers():
+    r = run("organism", "list")
+    assert r.exit_code == 0
+    assert "badt2i-pixel" in r.output and "\\u200b" in r.output and "\\u0430" in r.output
+
+
+def test_eval_json_on_backdoored_organism():
+    r = run("eval", "badt2i-pixel", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["n_clean"] == 144 and res["trigger"] == "\u200b"
+    assert res["asr"] >= 0.9 and res["clean_accuracy"] >= 0.85
+    assert res["target_rate_clean"] <= 0.05
