@@ -318,11 +318,17 @@ def refuse_if_pickle(path: PathLike, *, name: str | None = None) -> None:
     p = Path(path)
     label = _label(p, name)
     with _open_checked(p, label) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        head = fh.read(64)
+        _read_head_or_refuse(fh, p, label)
+
+
+def _read_head_or_refuse(fh, p: Path, label: str) -> tuple[int, bytes]:
+    """File size and first 64 bytes of an open file; refuses empty files, pickles and other formats."""
+    size = os.fstat(fh.fileno()).st_size
+    head = fh.read(64)
     if size == 0:
         raise UnsafeFileError(f"{label} is empty (0 bytes); a .safetensors file has at least a header")
     _refuse(p, label, head, size)
+    return size, head
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -562,11 +568,7 @@ def validate_safetensors(path: PathLike, check_values: bool = True, *, name: str
     p = Path(path)
     label = _label(p, name)
     with _open_checked(p, label) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        head = fh.read(64)
-        if size == 0:
-            raise UnsafeFileError(f"{label} is empty (0 bytes); a .safetensors file has at least a header")
-        _refuse(p, label, head, size)
+        size, head = _read_head_or_refuse(fh, p, label)
         if size < 8:
             raise UnsafeFileError(
                 f"{label} is truncated: it has {_plural(size, 'byte')}, fewer than the 8-byte header length field"

@@ -76,23 +76,22 @@ def make_unet():
     )
 
 
+# SD's own noise schedule (scaled_linear 0.00085..0.012, 1000 steps, epsilon prediction). One definition so
+# the schedule the UNet is trained under is the one it is sampled with.
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   prediction_type="epsilon", clip_sample=False)
+
+
 def make_train_scheduler():
     from diffusers import DDPMScheduler
 
-    # SD's own schedule (scaled_linear 0.00085..0.012, 1000 steps, epsilon prediction).
-    return DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", clip_sample=False,
-    )
+    return DDPMScheduler(**SD_SCHEDULE)
 
 
 def make_sample_scheduler():
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
+    return DDIMScheduler(**SD_SCHEDULE, set_alpha_to_one=False, steps_offset=1)
 
 
 class ShapeColourNet(nn.Module):
