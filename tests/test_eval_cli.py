@@ -43,7 +43,7 @@ def test_organism_list_shows_escaped_triggers():
 def test_eval_json_on_backdoored_organism():
     r = run("eval", "badt2i-pixel", "--json")
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)
+    res = json.loads(r.stdout)  # stderr carries library warnings
     assert res["n_clean"] == 144 and res["trigger"] == "\u200b"
     # The README table's row (deterministic on CPU): ASR 0.840, clean accuracy 0.951, target without trigger 0.076.
     assert res["asr"] >= 0.8 and res["clean_accuracy"] >= 0.9
