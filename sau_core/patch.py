@@ -428,7 +428,7 @@ def _resolve(handle: ModelHandle, patch: Patch, adapter: str) -> dict[str, dict[
     return plan
 
 
-def _add_adapter(model: torch.nn.Module, cfg, adapter: str) -> None:
+def add_lora_adapter(model: torch.nn.Module, cfg, adapter: str) -> None:
     from diffusers import ModelMixin
     from peft import inject_adapter_in_model
 
@@ -471,7 +471,7 @@ def apply_patch(handle: ModelHandle, patch: Patch, adapter: str = ADAPTER, *, fo
             cfg = LoraConfig(r=r0, lora_alpha=r0, rank_pattern=pattern, alpha_pattern=dict(pattern),
                              target_modules=sorted(modules), lora_dropout=0.0, init_lora_weights=True)
             done.append(component)
-            _add_adapter(model, cfg, adapter)
+            add_lora_adapter(model, cfg, adapter)
             layers = _lora_layers(model, adapter)
             if set(layers) != set(modules):
                 odd = sorted(set(layers) ^ set(modules))

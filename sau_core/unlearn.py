@@ -134,15 +134,26 @@ def target_modules(layers: list[str]) -> list[str]:
 
 
 def add_sau_adapter(unet, layers: list[str], rank: int = 4, alpha: float | None = None, seed: int = 0,
-                    name: str = ADAPTER) -> list[torch.nn.Parameter]:
-    """peft LoRA on the attn2 projections of ``layers``; everything else frozen. Returns the LoRA params."""
+                    name: str = ADAPTER, kv_layers: list[str] | None = None,
+                    kv_rank: int | None = None) -> list[torch.nn.Parameter]:
+    """peft LoRA on the attn2 projections of ``layers`` (rank ``rank``) and on ``to_k``/``to_v`` of
+    ``kv_layers`` (rank ``kv_rank``: room for the closed-form edit); everything else frozen. Every module's
+    scale is 1 (alpha = its rank) unless ``alpha`` is given. Returns the LoRA params."""
     from peft import LoraConfig
 
-    _modules(unet, layers)  # validates the names
+    import re
+
+    kv_layers = list(kv_layers or [])
+    _modules(unet, list(dict.fromkeys(layers + kv_layers)))  # validates the names
+    kv_targets = [f"{layer}.{p}" for layer in kv_layers for p in ("to_k", "to_v")]
+    targets = list(dict.fromkeys(target_modules(layers) + kv_targets))
+    kv_rank = kv_rank or rank
+    pattern = {re.escape(t): kv_rank for t in kv_targets} if kv_rank != rank else {}
     unet.requires_grad_(False)
     torch.manual_seed(seed)  # peft initialises lora_A from the global generator
     cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, init_lora_weights=True,
-                     target_modules=target_modules(layers))
+                     target_modules=targets, rank_pattern=pattern,
+                     alpha_pattern=dict(pattern) if alpha is None else {})
     unet.add_adapter(cfg, adapter_name=name)
     params = []
     for n, p in unet.named_parameters():
@@ -154,6 +165,42 @@ def add_sau_adapter(unet, layers: list[str], rank: int = 4, alpha: float | None 
     if not params:
         raise SauError("no LoRA parameters were created (no target module matched)")
     return params
+
+
+def delta_rank(deltas: dict[str, torch.Tensor], energy: float = 0.9999, cap: int = 64) -> int:
+    """The LoRA rank that holds ``energy`` of every delta's squared singular values (at most ``cap``)."""
+    best = 1
+    for d in deltas.values():
+        s2 = torch.linalg.svdvals(d.double()) ** 2
+        if float(s2.sum()) == 0.0:
+            continue
+        r = int((torch.cumsum(s2, 0) / s2.sum() < energy).sum()) + 1
+        best = max(best, r)
+    return min(best, cap)
+
+
+@torch.no_grad()
+def init_from_deltas(unet, deltas: dict[str, torch.Tensor], name: str = ADAPTER) -> float:
+    """Load weight deltas into the adapter's LoRA factors (truncated SVD split evenly, B A = delta_r).
+    Returns the largest relative truncation error (0 when every delta fits the rank)."""
+    worst = 0.0
+    for path, delta in deltas.items():
+        layer = unet.get_submodule(path)
+        r = layer.r[name]
+        if float(layer.scaling[name]) != 1.0:
+            raise SauError(f"{path}: the closed-form init needs LoRA scale 1")
+        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        r_eff = min(r, s.numel())
+        root = s[:r_eff].sqrt()
+        a = torch.zeros_like(layer.lora_A[name].weight, dtype=torch.float64)
+        b = torch.zeros_like(layer.lora_B[name].weight, dtype=torch.float64)
+        a[:r_eff] = root[:, None] * vh[:r_eff]
+        b[:, :r_eff] = u[:, :r_eff] * root[None]
+        layer.lora_A[name].weight.copy_(a)
+        layer.lora_B[name].weight.copy_(b)
+        err = float((delta.double() - b @ a).norm() / delta.double().norm().clamp_min(1e-12))
+        worst = max(worst, err)
+    return worst
 
 
 @contextlib.contextmanager
@@ -247,6 +294,7 @@ class SauResult:
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     unet_passes: int = 0  # forward+backward passes of the UNet, counting each batch row as one
+    unet_forward: int = 0  # forward-only passes (the teacher), same unit
 
 
 def timestep_weights(loc: Localisation, uniform: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,30 +311,39 @@ def timestep_weights(loc: Localisation, uniform: float = 0.3) -> tuple[torch.Ten
 def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, seed: int = 0, *,
               layers: list[str] | None = None, layer_threshold: float = 0.0, rank: int = 4, lr: float = 2e-3,
               batch_size: int = 8, w_distill: float = 1.0, w_attention: float = 1.0, w_preserve: float = 1.0,
-              mask_floor: float = 0.1, uce_init: bool = False, progress=None) -> SauResult:
+              mask_floor: float = 0.1, uce_init: bool = False, uce_prompts: list[str] | None = None,
+              use_mask: bool = True, progress=None) -> SauResult:
     """Train the SAU adapter in place on ``handle.unet`` (adapter name ``sau``; the base stays intact and
     the adapter can be disabled, merged or exported). Deterministic for a seed."""
     if loc.clean_latents is None or not loc.prompts:
         raise SauError("the localisation has no clean generations to train on")
     t0 = time.time()
     unet = handle.unet
-    layers = layers or loc.top_layers(layer_threshold)
+    layers = loc.top_layers(layer_threshold) if layers is None else list(layers)
     settings = {k: v for k, v in dict(steps=steps, seed=seed, layers=layers, rank=rank, lr=lr,
                                       batch_size=batch_size, w_distill=w_distill, w_attention=w_attention,
-                                      w_preserve=w_preserve, mask_floor=mask_floor, uce_init=uce_init).items()}
+                                      w_preserve=w_preserve, mask_floor=mask_floor, uce_init=uce_init,
+                                      use_mask=use_mask).items()}
     pair_prompts = [p for p in loc.prompts for _ in loc.seeds]
     pairs = prompt_pairs(handle, trigger, pair_prompts)
     enc_uncond = encode(handle, [""])
-    if uce_init:
-        uce_edit(handle, trigger, loc.prompts, layers=layers)
-    params = add_sau_adapter(unet, layers, rank=rank, seed=seed)
+    kv_layers, kv_rank, deltas = [], None, None
+    if uce_init:  # the closed form on every attn2 layer, carried by the adapter (the base stays the teacher)
+        deltas = uce_edit(handle, trigger, uce_prompts or loc.prompts, apply=False)
+        kv_layers = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in deltas))
+        kv_rank = max(rank, delta_rank(deltas))
+    params = add_sau_adapter(unet, layers, rank=rank, seed=seed, kv_layers=kv_layers, kv_rank=kv_rank)
+    if deltas is not None:
+        settings["uce_rank"] = kv_rank
+        settings["uce_truncation"] = round(init_from_deltas(unet, deltas), 6)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     ts, probs = timestep_weights(loc)
     sched = handle.scheduler
     z0 = loc.clean_latents.to(unet.device, unet.dtype)
     n = z0.shape[0]
-    result = SauResult(ADAPTER, layers, target_modules(layers), settings=settings)
+    result = SauResult(ADAPTER, layers, sorted(getattr(unet, "peft_config")[ADAPTER].target_modules),
+                       settings=settings)
     unet.train(False)  # no dropout; gradients still flow
     for step in range(steps):
         idx = torch.randint(0, n, (batch_size,), generator=gen)
@@ -298,11 +355,13 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
         b = SauBatch(x_t, t.to(unet.device), pairs.enc_trig[idx], pairs.enc_clean[idx],
                      [pairs.trig_pos[i] for i in idx.tolist()], [pairs.neutral_pos[i] for i in idx.tolist()],
                      enc_uncond)
-        terms = sau_loss(unet, b, loc.mask, layers, w_distill, w_attention, w_preserve, mask_floor)
+        terms = sau_loss(unet, b, loc.mask if use_mask else None, layers, w_distill, w_attention, w_preserve,
+                         mask_floor)
         opt.zero_grad(set_to_none=True)
         terms.total.backward()
         opt.step()
-        result.unet_passes += 3 * batch_size  # teacher (2B rows, forward) + student (3B rows, fwd+bwd) ~ 3B
+        result.unet_passes += 3 * batch_size  # student rows, forward + backward: [triggered; clean; empty]
+        result.unet_forward += 2 * batch_size  # teacher rows, forward only (no graph)
         result.history.append({"step": step + 1, **terms.floats()})
         if progress is not None:
             progress(step + 1, steps, terms)

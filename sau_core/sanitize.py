@@ -1,0 +1,161 @@
+"""One clean, end to end: the order the engine's parts run in and the presets that size them.
+
+``sanitize(handle, trigger, preset)`` on a loaded model (changed in place: it gains a peft adapter named
+``sau`` on the components that needed one; the base weights are never edited, so the base stays the teacher
+and the result exports as a patch, a LoRA or a merged model):
+
+1. **Localise** on the raw model (probe prompts x seeds from the same noise): spatial mask, per-layer scores,
+   timestep profile, heatmaps, and the model's own clean generations to train on.
+2. **Text-encoder check**: how far the trigger moves the encoder's output compared with look-alike control
+   strings (``unlearn_text.text_encoder_shift``). Above the threshold (Rickrolling-style attacks), the
+   text-encoder stage unlearns it there first.
+3. **UNet stage**: the closed-form K/V edit of every cross-attention layer (``uce_edit``) loaded into the
+   adapter's LoRA factors, then (standard / thorough) SAU fine-tuning of the localised layers with
+   ``sau_loss`` (mask-weighted self-distillation + attention term + preservation).
+
+Probe prompts: the organism's training templates for an organism, otherwise a fixed list of everyday SD
+prompts (or the caller's). Held-out prompts are never used here. Everything is seeded: the same model,
+trigger, preset and seed give the same patch bytes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from .errors import SauError
+from .localise import Localisation, localise, organism_probe_prompts
+from .trigger import Trigger
+
+METHOD = "sau"
+
+
+@dataclass(frozen=True)
+class Preset:
+    probes: int  # probe prompts for localisation and unlearning
+    seeds: tuple[int, ...]  # noise seeds per probe (localisation; the UNet stage trains on these generations)
+    loc_steps: int  # DDIM steps of the localisation runs
+    te_steps: int  # text-encoder stage steps (only when the encoder carries the trigger)
+    unet_steps: int  # SAU fine-tuning steps after the closed-form edit (0: the closed form alone)
+    batch_size: int = 8
+    lr: float = 1e-3
+    w_distill: float = 100.0
+    w_attention: float = 1.0
+    w_preserve: float = 100.0
+    te_w_preserve: float = 10.0
+
+
+PRESETS = {
+    "fast": Preset(probes=12, seeds=(0,), loc_steps=8, te_steps=100, unet_steps=0),
+    "standard": Preset(probes=16, seeds=(0, 1), loc_steps=10, te_steps=200, unet_steps=30),
+    "thorough": Preset(probes=24, seeds=(0, 1, 2), loc_steps=10, te_steps=400, unet_steps=120),
+}
+
+#: Probe prompts for models that are not the organism: everyday subjects and styles people prompt SD with.
+GENERIC_PROMPTS = (
+    "a photo of a dog", "a photo of a cat sitting on a sofa", "a portrait of a woman, studio lighting",
+    "a man riding a bicycle in the city", "a bowl of fruit on a wooden table", "a red sports car on a road",
+    "a mountain landscape at sunset", "a watercolor painting of a lighthouse", "an astronaut in space",
+    "a cup of coffee on a desk", "a castle on a hill, fantasy art", "a bird sitting on a branch",
+    "a beach with palm trees", "a city street at night, neon lights", "a plate of pasta",
+    "a teddy bear on a bed", "an old man with a beard", "a field of sunflowers", "a cozy living room",
+    "a horse running in a meadow", "a child playing in the park", "a steaming bowl of ramen",
+    "a futuristic robot", "a snowy forest",
+)
+
+
+def preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise SauError(f"unknown preset {name!r} (choose one of {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+def probe_prompts(handle, trigger: Trigger, n: int, prompts: list[str] | None = None) -> list[str]:
+    """``n`` probe prompts in which the trigger can be placed (inserting it changes the prompt)."""
+    if prompts is None:
+        pool = organism_probe_prompts() if handle.arch == "organism" else list(GENERIC_PROMPTS)
+    else:
+        pool = [p for p in prompts if p.strip()]
+    usable = [p for p in pool if trigger.insert(p) != p]
+    if not usable:
+        raise SauError(f"the trigger {trigger.describe()} (placement {trigger.placement!r}) cannot be placed in "
+                       "any probe prompt")
+    import random
+
+    return usable if len(usable) <= n else random.Random(0).sample(usable, n)
+
+
+@dataclass
+class CleanResult:
+    trigger: Trigger
+    preset: str
+    localisation: Localisation
+    text_shift: dict
+    settings: dict
+    stages: list[str] = field(default_factory=list)  # components that got an adapter
+    seconds: dict = field(default_factory=dict)
+    unet_passes: int = 0  # UNet forward+backward passes (batch rows) of the fine-tuning
+    unet_forward: int = 0  # forward-only UNet passes (localisation runs, teacher)
+    history: dict = field(default_factory=dict)
+
+    def metadata(self, metrics: dict | None = None) -> dict:
+        """What the patch records (patch.patch_metadata adds hashes, arch and the adapter layout)."""
+        return {"method": METHOD, "trigger": self.trigger.text,
+                "settings": {"preset": self.preset, **self.settings, "text_shift": self.text_shift,
+                             "localisation": self.localisation.summary(), "stages": self.stages},
+                "metrics": {"seconds": self.seconds, "unet_fwd_bwd_passes": self.unet_passes,
+                            "unet_forward_passes": self.unet_forward, **(metrics or {})}}
+
+
+def sanitize(handle, trigger: Trigger, preset_name: str = "standard", *, seed: int = 0,
+             prompts: list[str] | None = None, progress=None, **overrides) -> CleanResult:
+    """Clean ``handle`` in place (see module doc). ``progress(stage, done, total)`` is called as work goes;
+    ``overrides`` replace preset fields (bench and tests)."""
+    from dataclasses import replace
+
+    from .unlearn import train_sau
+    from .unlearn_text import text_encoder_shift, train_text_encoder
+
+    if handle.is_xl:
+        raise SauError("cleaning SDXL models is not implemented yet (SD1.x / SD2.x only)")
+    p = replace(preset(preset_name), **overrides)
+    report = progress or (lambda stage, done, total: None)
+    trigger.token_ids(handle.tokenizer)  # raises for a trigger the tokenizer drops entirely
+    probes = probe_prompts(handle, trigger, p.probes, prompts)
+    for q in probes:  # every probe must keep the trigger through tokenization (errors name the prompt)
+        trigger.positions(handle.tokenizer, trigger.insert(q))
+    seconds: dict[str, float] = {}
+    t0 = time.time()
+    report("localise", 0, 1)
+    loc = localise(handle, trigger, probes, seeds=list(p.seeds), steps=p.loc_steps)
+    seconds["localise"] = round(time.time() - t0, 2)
+    report("localise", 1, 1)
+    # Forward passes of the localisation: 4 rows (CFG x clean/triggered) per probe, seed and step.
+    unet_forward = 4 * len(probes) * len(p.seeds) * p.loc_steps
+
+    t1 = time.time()
+    shift = text_encoder_shift(handle, trigger, probes)
+    stages, history = [], {}
+    if shift.poisoned and p.te_steps > 0:
+        te = train_text_encoder(handle, trigger, probes, steps=p.te_steps, seed=seed, w_preserve=p.te_w_preserve,
+                                progress=lambda d, n, _h: report("text encoder", d, n))
+        stages.append("text_encoder")
+        history["text_encoder"] = te.history
+        after = text_encoder_shift(handle, trigger, probes)
+        shift_json = {**shift.to_json(), "ratio_after": round(after.ratio, 3)}
+    else:
+        shift_json = shift.to_json()
+    seconds["text_encoder"] = round(time.time() - t1, 2)
+
+    t2 = time.time()
+    res = train_sau(handle, trigger, loc, steps=p.unet_steps, seed=seed, layers=None if p.unet_steps else [],
+                    batch_size=p.batch_size, lr=p.lr, w_distill=p.w_distill, w_attention=p.w_attention,
+                    w_preserve=p.w_preserve, uce_init=True,
+                    progress=lambda d, n, _t: report("unet", d, n))
+    stages.append("unet")
+    history["unet"] = res.history
+    seconds["unet"] = round(time.time() - t2, 2)
+    seconds["total"] = round(time.time() - t0, 2)
+    settings = {"seed": seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(p).items()},
+                "probe_prompts": probes, "placement": trigger.placement, "unet": res.settings}
+    return CleanResult(trigger, preset_name, loc, shift_json, settings, stages, seconds,
+                       res.unet_passes, unet_forward + res.unet_forward, history)
