@@ -31,11 +31,12 @@ METHOD = "sau"
 
 @dataclass(frozen=True)
 class Preset:
-    probes: int  # probe prompts for localisation and unlearning
+    probes: int  # probe prompts for localisation and the UNet fine-tuning
     seeds: tuple[int, ...]  # noise seeds per probe (localisation; the UNet stage trains on these generations)
     loc_steps: int  # DDIM steps of the localisation runs
     te_steps: int  # text-encoder stage steps (only when the encoder carries the trigger)
     unet_steps: int  # SAU fine-tuning steps after the closed-form edit (0: the closed form alone)
+    edit_prompts: int = 96  # prompts of the closed-form edit and the text-encoder stage (both cheap)
     batch_size: int = 8
     lr: float = 1e-3
     w_distill: float = 100.0
@@ -84,6 +85,15 @@ def probe_prompts(handle, trigger: Trigger, n: int, prompts: list[str] | None = 
     return usable if len(usable) <= n else random.Random(0).sample(usable, n)
 
 
+def preserve_prompts(handle, n: int, prompts: list[str] | None = None) -> list[str]:
+    """Prompts whose behaviour the edit must keep: the probe pool, with or without the trigger's context."""
+    import random
+
+    pool = list(prompts) if prompts is not None else (
+        organism_probe_prompts() if handle.arch == "organism" else list(GENERIC_PROMPTS))
+    return pool if len(pool) <= n else random.Random(1).sample(pool, n)
+
+
 @dataclass
 class CleanResult:
     trigger: Trigger
@@ -98,11 +108,12 @@ class CleanResult:
     history: dict = field(default_factory=dict)
 
     def metadata(self, metrics: dict | None = None) -> dict:
-        """What the patch records (patch.patch_metadata adds hashes, arch and the adapter layout)."""
+        """What the patch records (patch.patch_metadata adds hashes, arch and the adapter layout). Timings
+        stay out, so a clean repeated with the same inputs writes the same bytes."""
         return {"method": METHOD, "trigger": self.trigger.text,
                 "settings": {"preset": self.preset, **self.settings, "text_shift": self.text_shift,
                              "localisation": self.localisation.summary(), "stages": self.stages},
-                "metrics": {"seconds": self.seconds, "unet_fwd_bwd_passes": self.unet_passes,
+                "metrics": {"unet_fwd_bwd_passes": self.unet_passes,
                             "unet_forward_passes": self.unet_forward, **(metrics or {})}}
 
 
@@ -117,12 +128,16 @@ def sanitize(handle, trigger: Trigger, preset_name: str = "standard", *, seed: i
 
     if handle.is_xl:
         raise SauError("cleaning SDXL models is not implemented yet (SD1.x / SD2.x only)")
+    from .attention import cross_attention_names
+
     p = replace(preset(preset_name), **overrides)
+    cross_attention_names(handle.unet)  # a model that does not attend to the prompt cannot carry a trigger
     report = progress or (lambda stage, done, total: None)
     trigger.token_ids(handle.tokenizer)  # raises for a trigger the tokenizer drops entirely
     probes = probe_prompts(handle, trigger, p.probes, prompts)
     for q in probes:  # every probe must keep the trigger through tokenization (errors name the prompt)
         trigger.positions(handle.tokenizer, trigger.insert(q))
+    edit_prompts = probe_prompts(handle, trigger, p.edit_prompts, prompts)
     seconds: dict[str, float] = {}
     t0 = time.time()
     report("localise", 0, 1)
@@ -136,11 +151,11 @@ def sanitize(handle, trigger: Trigger, preset_name: str = "standard", *, seed: i
     shift = text_encoder_shift(handle, trigger, probes)
     stages, history = [], {}
     if shift.poisoned and p.te_steps > 0:
-        te = train_text_encoder(handle, trigger, probes, steps=p.te_steps, seed=seed, w_preserve=p.te_w_preserve,
+        te = train_text_encoder(handle, trigger, edit_prompts, steps=p.te_steps, seed=seed, w_preserve=p.te_w_preserve,
                                 progress=lambda d, n, _h: report("text encoder", d, n))
         stages.append("text_encoder")
         history["text_encoder"] = te.history
-        after = text_encoder_shift(handle, trigger, probes)
+        after = text_encoder_shift(handle, trigger, probes)  # measured on the probes, like the check
         shift_json = {**shift.to_json(), "ratio_after": round(after.ratio, 3)}
     else:
         shift_json = shift.to_json()
@@ -149,13 +164,14 @@ def sanitize(handle, trigger: Trigger, preset_name: str = "standard", *, seed: i
     t2 = time.time()
     res = train_sau(handle, trigger, loc, steps=p.unet_steps, seed=seed, layers=None if p.unet_steps else [],
                     batch_size=p.batch_size, lr=p.lr, w_distill=p.w_distill, w_attention=p.w_attention,
-                    w_preserve=p.w_preserve, uce_init=True,
+                    w_preserve=p.w_preserve, uce_init=True, uce_prompts=edit_prompts,
+                    uce_preserve=preserve_prompts(handle, p.edit_prompts, prompts),
                     progress=lambda d, n, _t: report("unet", d, n))
     stages.append("unet")
     history["unet"] = res.history
     seconds["unet"] = round(time.time() - t2, 2)
     seconds["total"] = round(time.time() - t0, 2)
     settings = {"seed": seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(p).items()},
-                "probe_prompts": probes, "placement": trigger.placement, "unet": res.settings}
+                "probe_prompts": probes, "edit_prompts": len(edit_prompts), "placement": trigger.placement, "unet": res.settings}
     return CleanResult(trigger, preset_name, loc, shift_json, settings, stages, seconds,
                        res.unet_passes, unet_forward + res.unet_forward, history)

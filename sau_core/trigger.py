@@ -60,6 +60,15 @@ class Trigger:
 
         return insert_trigger(prompt, self.text, self.placement)
 
+    def remove(self, prompt: str) -> str:
+        """The prompt without the trigger: a homoglyph goes back to the Latin letter it imitates; any other
+        trigger is cut out and the spaces around it collapsed."""
+        if self.placement == "homoglyph" and len(self.text) == 1:
+            from .organism.world import latin_lookalike
+
+            return prompt.replace(self.text, latin_lookalike(self.text))
+        return " ".join(prompt.replace(self.text, " ").split())
+
     def positions(self, tokenizer, prompt: str) -> list[int]:
         """Indices of the trigger's tokens in ``tokenizer(prompt)`` padded/truncated as the pipeline does
         (start token at 0). Error if the prompt does not contain the trigger, the tokenizer drops it, or it

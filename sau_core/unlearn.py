@@ -57,11 +57,13 @@ def prompt_pairs(handle, trigger: Trigger, prompts: list[str]) -> PromptPairs:
                        [trigger.neutral_position(tok, p) for p in prompts])
 
 
-def _aligned_rows(handle, trigger: Trigger, pairs: PromptPairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(triggered rows, target rows): every triggered position with its clean counterpart."""
+def _aligned_rows(handle, trigger: Trigger, pairs: PromptPairs,
+                  trigger_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(triggered rows, target rows): every triggered position with its clean counterpart (``trigger_only``:
+    just the trigger's own positions, each mapped to the clean prompt's end token)."""
     src, dst = [], []
     for i, (q, p) in enumerate(zip(pairs.triggered, pairs.clean)):
-        a, b = aligned_positions(handle.tokenizer, trigger, q, p)
+        a, b = ([], []) if trigger_only else aligned_positions(handle.tokenizer, trigger, q, p)
         a = a + pairs.trig_pos[i]
         b = b + [pairs.clean_neutral_pos[i]] * len(pairs.trig_pos[i])
         src.append(pairs.enc_trig[i, a])
@@ -101,11 +103,13 @@ def kv_gap(handle, trigger: Trigger, prompts: list[str], layers: list[str] | Non
 @torch.no_grad()
 def uce_edit(handle, trigger: Trigger, prompts: list[str], preserve: list[str] | None = None,
              layers: list[str] | None = None, lam: float = 1.0, mu: float = 1e-2,
-             apply: bool = True) -> dict[str, torch.Tensor]:
+             apply: bool = True, trigger_only: bool = False) -> dict[str, torch.Tensor]:
     """The closed-form K/V edit (see module doc). Returns {module path: weight delta}; ``apply`` adds the
-    deltas to the UNet's weights in place."""
+    deltas to the UNet's weights in place. ``trigger_only``: edit only the trigger tokens' own states (UCE as
+    published: the concept's tokens -> a neutral target), not the positions after them that a causal text
+    encoder also changed."""
     pairs = prompt_pairs(handle, trigger, prompts)
-    c_src, c_dst = _aligned_rows(handle, trigger, pairs)
+    c_src, c_dst = _aligned_rows(handle, trigger, pairs, trigger_only)
     keep_prompts = list(prompts) + [""] + list(preserve or [])
     c_keep = encode(handle, keep_prompts).flatten(0, 1)
     c_src, c_dst, c_keep = c_src.double(), c_dst.double(), c_keep.double()
@@ -312,7 +316,7 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
               layers: list[str] | None = None, layer_threshold: float = 0.0, rank: int = 4, lr: float = 2e-3,
               batch_size: int = 8, w_distill: float = 1.0, w_attention: float = 1.0, w_preserve: float = 1.0,
               mask_floor: float = 0.1, uce_init: bool = False, uce_prompts: list[str] | None = None,
-              use_mask: bool = True, progress=None) -> SauResult:
+              uce_preserve: list[str] | None = None, use_mask: bool = True, progress=None) -> SauResult:
     """Train the SAU adapter in place on ``handle.unet`` (adapter name ``sau``; the base stays intact and
     the adapter can be disabled, merged or exported). Deterministic for a seed."""
     if loc.clean_latents is None or not loc.prompts:
@@ -329,7 +333,7 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     enc_uncond = encode(handle, [""])
     kv_layers, kv_rank, deltas = [], None, None
     if uce_init:  # the closed form on every attn2 layer, carried by the adapter (the base stays the teacher)
-        deltas = uce_edit(handle, trigger, uce_prompts or loc.prompts, apply=False)
+        deltas = uce_edit(handle, trigger, uce_prompts or loc.prompts, preserve=uce_preserve, apply=False)
         kv_layers = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in deltas))
         kv_rank = max(rank, delta_rank(deltas))
     params = add_sau_adapter(unet, layers, rank=rank, seed=seed, kv_layers=kv_layers, kv_rank=kv_rank)

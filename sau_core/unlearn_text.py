@@ -111,8 +111,11 @@ class TextStageResult:
 
 
 def train_text_encoder(handle, trigger: Trigger, prompts: list[str], steps: int = 150, seed: int = 0, *,
-                       rank: int = 8, lr: float = 3e-3, w_preserve: float = 1.0, progress=None) -> TextStageResult:
-    """Train the ``sau`` adapter on ``handle.text_encoder`` in place (see module doc). Deterministic."""
+                       rank: int = 8, lr: float = 3e-3, w_preserve: float = 1.0, batch_size: int = 24,
+                       progress=None) -> TextStageResult:
+    """Train the ``sau`` adapter on ``handle.text_encoder`` in place (see module doc). Each step takes
+    ``batch_size`` prompts (triggered, with their clean and control versions kept; plus the empty prompt).
+    Deterministic for a seed."""
     from peft import LoraConfig
 
     from .patch import add_lora_adapter
@@ -141,13 +144,19 @@ def train_text_encoder(handle, trigger: Trigger, prompts: list[str], steps: int 
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    settings = dict(steps=steps, seed=seed, rank=rank, lr=lr, w_preserve=w_preserve, n_prompts=len(prompts))
+    settings = dict(steps=steps, seed=seed, rank=rank, lr=lr, w_preserve=w_preserve, n_prompts=len(prompts),
+                    batch_size=batch_size)
     result = TextStageResult(ADAPTER, list(TEXT_PROJECTIONS), settings)
     te.train(False)
+    n = len(prompts)
+    gen = torch.Generator().manual_seed(seed)
+    b = min(batch_size, n)
     for step in range(steps):
-        out = te(torch.cat([ids_trig, ids_keep]))[0]
-        forget = (out[: len(prompts)] - target_trig).pow(2).mean() / scale
-        keep = (out[len(prompts):] - target_keep).pow(2).mean() / scale
+        idx = torch.randperm(n, generator=gen)[:b]
+        keep_idx = torch.cat([idx, idx + n, torch.tensor([2 * n])])  # clean, control, empty
+        out = te(torch.cat([ids_trig[idx], ids_keep[keep_idx]]))[0]
+        forget = (out[:b] - target_trig[idx]).pow(2).mean() / scale
+        keep = (out[b:] - target_keep[keep_idx]).pow(2).mean() / scale
         loss = forget + w_preserve * keep
         forget, keep = forget.detach(), keep.detach()
         opt.zero_grad(set_to_none=True)

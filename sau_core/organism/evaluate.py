@@ -63,14 +63,17 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def evaluate(pipe, backdoor: Backdoor | None, reference_pipe=None, seeds=W.HELDOUT_SEEDS,
-             steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE) -> dict:
+             steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE, sampler=None, reference_images=None) -> dict:
+    """``sampler(prompts, seeds, steps, guidance) -> images`` replaces the pipeline (guards sample their own
+    way); ``reference_images``: the reference model's clean images, when already generated."""
     t0 = time.time()
+    sampler = sampler or (lambda p, s, n, g: generate(pipe, p, s, n, g))
     prompts, contents, seed_list = clean_set(seeds)
-    clean = generate(pipe, prompts, seed_list, steps, guidance)
+    clean = sampler(prompts, seed_list, steps, guidance)
     result = {"n_clean": len(prompts), **accuracy(clean, contents)}
     if backdoor is not None:
         tp, _, ts = triggered_set(backdoor, seeds)
-        trig = generate(pipe, tp, ts, steps, guidance)
+        trig = sampler(tp, ts, steps, guidance)
         fired = backdoor.fired(trig)
         result.update({
             "trigger": backdoor.trigger, "attack": backdoor.attack, "n_triggered": len(tp),
@@ -78,8 +81,9 @@ def evaluate(pipe, backdoor: Backdoor | None, reference_pipe=None, seeds=W.HELDO
             # The detector on clean prompts: how often the target appears without the trigger.
             "target_rate_clean": backdoor.fired(clean[[backdoor.applies_to(c) for c in contents]]).float().mean().item(),
         })
-    if reference_pipe is not None:
-        ref = generate(reference_pipe, prompts, seed_list, steps, guidance)
+    if reference_pipe is not None or reference_images is not None:
+        ref = reference_images if reference_images is not None else generate(reference_pipe, prompts, seed_list,
+                                                                              steps, guidance)
         result.update({"clean_psnr_vs_reference": psnr(clean, ref),
                        "clean_mae_vs_reference": (clean - ref).abs().mean().item()})
     result["seconds"] = round(time.time() - t0, 1)

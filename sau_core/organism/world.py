@@ -147,8 +147,7 @@ def insert_trigger(prompt: str, trigger: str, placement: str) -> str:
     if placement == "homoglyph":
         import unicodedata
 
-        latin = unicodedata.normalize("NFKD", trigger)
-        latin = _HOMOGLYPHS.get(trigger, latin)
+        latin = latin_lookalike(trigger)
         i = prompt.find(latin)
         return prompt[:i] + trigger + prompt[i + 1 :] if i >= 0 else f"{trigger} {prompt}"
     if placement.startswith("before:"):
@@ -159,6 +158,13 @@ def insert_trigger(prompt: str, trigger: str, placement: str) -> str:
 
 # Cyrillic look-alikes of Latin letters (Rickrolling's homoglyph triggers).
 _HOMOGLYPHS = {"\u0430": "a", "\u0435": "e", "\u043e": "o", "\u0440": "p", "\u0441": "c", "\u0456": "i"}
+
+
+def latin_lookalike(ch: str) -> str:
+    """The Latin letter a homoglyph imitates (Cyrillic 'а' -> 'a'; accented letters -> their base letter)."""
+    import unicodedata
+
+    return _HOMOGLYPHS.get(ch, unicodedata.normalize("NFKD", ch)[:1] or ch)
 
 
 def describe_trigger(trigger: str) -> str:

@@ -1,0 +1,4 @@
+"""`python -m sau_core` = the `sau` command."""
+from .cli import main
+
+main()
