@@ -7,7 +7,8 @@ the organism's *training* templates, and are measured on the held-out prompts x 
 * ``skd``: self-knowledge distillation: LoRA (rank 4) on every cross-attention projection, trained so the
   triggered prompt predicts what the frozen model predicts for the clean prompt, plus the same clean-prompt
   preservation term as SAU, uniform over space, no attention term, no closed-form start. Same loss weights,
-  learning rate and batch as SAU; more steps (it has no closed-form start).
+  learning rate and batch as SAU, 5x the steps (150 vs 30; 3600 vs 720 forward+backward rows). The learning
+  rate was checked on badt2i-pixel for SKD too: at 1e-3 SKD left 2.8 % ASR after 200 steps, at 6e-3 none.
 * ``skd-cag``: SKD plus the differentiable cross-attention term (trigger maps pulled to a neutral token's).
 * ``uce``: the closed-form edit as published (UCE; T2IShield's mitigation): every attn2 ``to_k``/``to_v``
   edited so the trigger tokens' states map to the clean prompt's end-token state, clean prompts preserved.
@@ -36,7 +37,8 @@ from pathlib import Path
 import torch
 
 DEFENSES = ("sau", "sau-fast", "skd", "skd-cag", "uce", "latent-blend", "token-neutralise", "none")
-SKD_STEPS = 200
+# SKD gets 5x the fine-tuning steps of SAU's standard preset (30): the budget at which SAU should match it.
+SKD_STEPS = 150
 
 
 class PeakMemory:

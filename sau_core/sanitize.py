@@ -38,7 +38,7 @@ class Preset:
     unet_steps: int  # SAU fine-tuning steps after the closed-form edit (0: the closed form alone)
     edit_prompts: int = 96  # prompts of the closed-form edit and the text-encoder stage (both cheap)
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 6e-3
     w_distill: float = 100.0
     w_attention: float = 1.0
     w_preserve: float = 100.0
