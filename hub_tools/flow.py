@@ -10,7 +10,7 @@ from typing import Callable
 from sau_core.errors import SauError
 
 from . import card as C
-from .errors import AuthError, HubError, hub_errors
+from .errors import AuthError, HubError, PushRejected, hub_errors
 from .remote import (Hub, RepoRef, Resolved, download, fetch_index, plan_download, precheck_headers, resolve,
                      sha256_file)
 
@@ -267,8 +267,13 @@ def clean_repo(hub: Hub, ref: RepoRef, opts: CleanOptions, log: Log = lambda m: 
             raise AuthError("sau-hub clean pushes to the Hub and needs a token: set HF_TOKEN or run `hf auth login` "
                             "(--dry-run works without one)")
         with hub_errors(ref.repo_id, endpoint=hub.endpoint):
-            user = hub.api().whoami()["name"]
-        log(f"authenticated as {user}")
+            me = hub.api().whoami()
+        log(f"authenticated as {me['name']}")
+        if opts.to:
+            spaces = {me["name"], *(o.get("name") for o in me.get("orgs") or [] if isinstance(o, dict))}
+            if target.repo_id.split("/")[0] not in spaces:
+                raise PushRejected(f"your token ({me['name']}) cannot create repos under "
+                                   f"{target.repo_id.split('/')[0]!r}; nothing was downloaded or pushed")
     work = work_dir(opts.work, ref)
     fetched = fetch(hub, ref, work, opts.file, log, download_files=not opts.dry_run)
     res = fetched.resolved
@@ -289,6 +294,15 @@ def clean_repo(hub: Hub, ref: RepoRef, opts: CleanOptions, log: Log = lambda m: 
     if opts.dry_run:
         return {"dry_run": True, "plan": plan}
 
+    key = _job_key(res.sha, opts, fmt)
+    out_dir = work / "out" / key
+    done = _reusable(out_dir, key)
+    if done is not None:
+        log(f"reusing the finished clean in {out_dir} (an earlier push did not go through)")
+        report, adds, deletes = done
+        report.update(push(hub, ref, target, opts, res.sha, adds, deletes, private, report["trigger_describe"],
+                           report["metrics"], log))
+        return report
     handle = load_validated(fetched)
     log("every file validated")
     scan = None
@@ -320,7 +334,6 @@ def clean_repo(hub: Hub, ref: RepoRef, opts: CleanOptions, log: Log = lambda m: 
     before = V.measure(handle, trig, prompts, backdoor)
     log(f"cleaning ({opts.preset})")
     result = sanitize(handle, trig, opts.preset, seed=opts.seed, progress=progress)
-    out_dir = work / "out" / res.sha[:12]
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -357,13 +370,47 @@ def clean_repo(hub: Hub, ref: RepoRef, opts: CleanOptions, log: Log = lambda m: 
     (out_dir / "plan.json").write_text(json.dumps({**plan, "metrics": metrics, "push": sorted(adds),
                                                    "delete": deletes}, indent=2) + "\n")
     report = {"plan": plan, "scan": scan, "cleaned": True, "trigger": escape_trigger(trig.text),
-              "placement": trig.placement, "metrics": metrics, "local": str(out_dir), "files": sorted(adds),
-              "deleted": deletes, "seconds": result.seconds}
+              "trigger_describe": trig.describe(), "placement": trig.placement, "metrics": metrics,
+              "local": str(out_dir), "files": sorted(adds), "deleted": deletes, "seconds": result.seconds}
     if not metrics["passed"] and not opts.force:
-        raise HubError(f"verification failed ({metrics['verdict']}: {metrics}); nothing was pushed; the output is "
-                       f"kept in {out_dir}; pass --force to push anyway")
-    report.update(push(hub, ref, target, opts, res.sha, adds, deletes, private, trig, metrics, log))
+        raise HubError(f"verification failed ({metrics['verdict']}); nothing was pushed; the output is kept in "
+                       f"{out_dir}; pass --force to push anyway")
+    _save_manifest(out_dir, key, report, adds, deletes)
+    report.update(push(hub, ref, target, opts, res.sha, adds, deletes, private, trig.describe(), metrics, log))
     return report
+
+
+def _job_key(sha: str, opts: CleanOptions, fmt: str) -> str:
+    import hashlib
+
+    job = json.dumps([sha, opts.trigger, opts.placement, opts.preset, fmt, opts.seed, opts.budget, opts.file,
+                      bool(opts.pr)], ensure_ascii=True)
+    return f"{sha[:12]}-{hashlib.sha256(job.encode()).hexdigest()[:12]}"
+
+
+def _save_manifest(out_dir: Path, key: str, report: dict, adds: dict[str, Path], deletes: list[str]) -> None:
+    from sau_core.model_io import write_text_atomic
+
+    files = {p: [str(lp.relative_to(out_dir)), sha256_file(lp)] for p, lp in adds.items()}
+    write_text_atomic(out_dir / "manifest.json", json.dumps({"key": key, "report": report, "files": files,
+                                                             "deletes": deletes}, indent=2, default=str) + "\n")
+
+
+def _reusable(out_dir: Path, key: str):
+    """(report, adds, deletes) of a finished clean of the same job whose files are intact, else None."""
+    try:
+        m = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if m.get("key") != key:
+        return None
+    adds = {}
+    for repo_path, (rel, digest) in m["files"].items():
+        lp = out_dir / rel
+        if not lp.is_file() or sha256_file(lp) != digest:
+            return None
+        adds[repo_path] = lp
+    return m["report"], adds, list(m.get("deletes") or [])
 
 
 def _check_card(text: str) -> None:
@@ -378,7 +425,7 @@ def _check_card(text: str) -> None:
 
 
 def push(hub: Hub, src: RepoRef, target: RepoRef, opts: CleanOptions, sha: str, adds: dict[str, Path],
-         deletes: list[str], private: bool | None, trig, metrics: dict, log: Log) -> dict:
+         deletes: list[str], private: bool | None, trig_text: str, metrics: dict, log: Log) -> dict:
     """One commit: a pull request on the source (parent = the pinned sha) or the first commit of a new repo.
     If the commit fails, a repo this call created is deleted again (nothing half-pushed)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -387,7 +434,7 @@ def push(hub: Hub, src: RepoRef, target: RepoRef, opts: CleanOptions, sha: str, 
     api = hub.api()
     ops = [CommitOperationAdd(p, str(lp)) for p, lp in sorted(adds.items())]
     ops += [CommitOperationDelete(p) for p in deletes]
-    message = f"SAU: remove the backdoor of trigger {trig.describe()}"
+    message = f"SAU: remove the backdoor of trigger {trig_text}"
     description = (f"Cleaned with sau-hub {version()} from {src.repo_id}@{sha}. {metrics['verdict']}: trigger effect "
                    f"{metrics['trigger_effect_before']} -> {metrics['trigger_effect_after']}"
                    + (f", ASR {metrics['asr_before']:.1%} -> {metrics['asr_after']:.1%}" if "asr_before" in metrics else "")

@@ -311,7 +311,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, body = 206, data[start:end + 1]
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         drops = self.state.drop_after.get(f"{repo_id}/{path}")
-        if not head and drops and status in (200, 206) and len(body) > 1:
+        bounded = bool(rng and re.fullmatch(r"bytes=\d+-\d+", rng.strip()))  # header probes are not dropped
+        if not head and drops and not bounded and status in (200, 206) and len(body) > 1:
             cut = min(drops.pop(0), len(body) - 1)
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
