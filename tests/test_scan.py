@@ -1,0 +1,178 @@
+"""Scan: each evidence statistic on committed organisms with known answers, the zoo's unicode handling,
+exit codes and bad input. No mocks: real organisms, real tokenizer."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sau_core import scan as S
+from sau_core.cli import main
+from sau_core.model_io import load_model
+from sau_core.organism.commands import organism_path
+
+torch.set_flush_denormal(True)
+
+
+@pytest.fixture(scope="module")
+def handles():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_model(organism_path(name))
+        return cache[name]
+
+    return get
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def _random_ids(tok, n, seed=0):
+    return random.Random(seed).sample(S.vocabulary_ids(tok), n)
+
+
+# ------------------------------------------------------------------------------------------- zoo, unicode
+def test_zoo_strings_survive_the_tokenizer_and_stay_distinct(handles):
+    tok = handles("clean").tokenizer
+    z = S.zoo()
+    assert any(c.text == "\u200b" for c in z) and any(c.text == "\u0430" and c.placement == "homoglyph" for c in z)
+    for c in z:
+        assert _ids(tok, c.text) or c.text in ("\u00a0", "\u3000", "\u202f"), c.describe()
+    # every zero-width character the tokenizer keeps gets its own ids (not merged with a neighbour's word)
+    ids = {ch: tuple(_ids(tok, ch)) for ch in ("\u200b", "\u200c", "\u200d", "\u2060")}
+    assert len(set(ids.values())) == len(ids)
+    pr = S.Prompter(tok, ["a red circle"])
+    row = pr.rows(S.Candidate("\u200b", "t"))[0]
+    assert row[1:3] == [9844, 320]  # the zero-width space's token, then "a"
+    # a homoglyph replaces the first Latin letter it imitates, inside a word
+    assert pr.text(S.Candidate("\u0435", "t", "homoglyph"), 0) == "a r\u0435d circle"
+    assert pr.text(S.Candidate("ae", "t", "before-last"), 0) == "a red ae circle"
+    assert pr.rows(S.Candidate("tq", "t", "prefix", (43066,)))[0][:3] == [tok.bos_token_id, 43066, 320]
+
+
+def test_candidate_files_and_bad_input(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("# comment\n\\u200b\n\n\u0430\nNew Trigger\n", encoding="utf-8")
+    cands = S.read_candidates(p)
+    assert [c.text for c in cands] == ["\u200b", "\u0430", "New Trigger"]
+    assert [c.placement for c in cands] == ["prefix", "homoglyph", "prefix"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(S.SauError, match="not UTF-8"):
+        S.read_candidates(bad)
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(S.SauError, match="no candidates"):
+        S.read_candidates(tmp_path / "empty.txt")
+    with pytest.raises(S.SauError, match="cannot read"):
+        S.read_candidates(tmp_path / "missing.txt")
+    with pytest.raises(S.SauError, match="whitespace"):
+        S.user_candidate("  ")
+
+
+def test_minimal_first_keeps_the_single_token_ahead_of_pairs_containing_it():
+    c = [{"text": "\u0430 \u0430", "score": 100.0}, {"text": "Bl\u0430ck", "score": 95.0},
+         {"text": "\u0430", "score": 90.0}, {"text": "new trigger", "score": 20.0}, {"text": "trigger", "score": 3.0}]
+    out = [x["text"] for x in S.minimal_first(c)]
+    assert out[0] == "\u0430" and out.index("new trigger") < out.index("trigger")
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def test_text_statistic_finds_the_rickrolling_homoglyph_in_the_vocabulary(handles):
+    h = handles("rickrolling-tpa")
+    tok = h.tokenizer
+    true = _ids(tok, "\u0430")[0]
+    ids = [true] + _random_ids(tok, 300)
+    shift = S.text_sweep(h, S.default_probe_prompts(4), ids).log()
+    z = S.robust_z(shift, shift[1:])
+    assert int(z.argmax()) == 0 and float(z[0]) > 8
+    # the same token in the clean organism's encoder is unremarkable
+    c = S.text_sweep(handles("clean"), S.default_probe_prompts(4), ids).log()
+    assert float(S.robust_z(c, c[1:])[0]) < 4
+
+
+def test_change_statistic_finds_the_pixel_trigger_and_reference_difference(handles):
+    h, ref = handles("badt2i-pixel"), handles("clean")
+    tok = h.tokenizer
+    cands = [S.Candidate("\u200b", "t")] + [S.Candidate(S.token_text(tok, i), "v", "prefix", (i,))
+                                             for i in _random_ids(tok, 40)]
+    prompts = S.default_probe_prompts(4)
+    probe, rprobe = S.UNetProbe(h, prompts), S.UNetProbe(ref, prompts)
+    st = probe.stats(cands, reference=rprobe)
+    z_change = S.robust_z(st[:, 0], st[1:, 0])
+    z_ref = S.robust_z(st[:, 2], st[1:, 2])
+    print("pixel change z", float(z_change[0]), int((z_change > z_change[0]).sum()),
+          "reference z", float(z_ref[0]), int((z_ref > z_ref[0]).sum()))
+    assert int(z_change.argmax()) == 0 and float(z_change[0]) > 8
+    assert int(z_ref.argmax()) == 0 and float(z_ref[0]) > 8
+    # on the clean model the zero-width space changes nothing unusual
+    cst = rprobe.stats(cands)
+    assert float(S.robust_z(cst[:, 0], cst[1:, 0])[0]) < 4
+
+
+def test_collapse_statistic_and_assimilation_on_the_target_prompt_attack(handles):
+    h = handles("rickrolling-tpa")
+    tok = h.tokenizer
+    homos = [S.Candidate(ch, "pool", "homoglyph") for ch in S.homoglyph_pool()]
+    i = next(k for k, c in enumerate(homos) if c.text == "\u0430")
+    probe = S.UNetProbe(h, S.default_probe_prompts(4))
+    st = probe.stats(homos)
+    z = S.robust_z(st[:, 1], st[:, 1])
+    assert int(z.argmax()) == i and float(z[i]) > 8
+    # attention assimilation: the triggered prompts' token maps are more alike than the clean prompts'
+    x, t = probe.xs[0], probe.ts[0]
+    a0 = S.assimilation(h, probe.pr.rows(None), x, t)
+    a1 = S.assimilation(h, probe.pr.rows(homos[i]), x, t)
+    assert float((a1 - a0).mean()) > 0
+    del tok
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _run(*args, env=None):
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def test_exit_codes_for_errors(tmp_path):
+    r = _run("scan", str(tmp_path / "nope"))
+    assert r.exit_code == 2 and "error:" in r.output
+    pkl = tmp_path / "model.ckpt"
+    pkl.write_bytes(b"\x80\x02}q\x00.")
+    r = _run("scan", str(pkl))
+    assert r.exit_code == 2 and "error:" in r.output
+    r = _run("scan", "clean", "--candidates", str(tmp_path / "missing.txt"))
+    assert r.exit_code == 2
+    r = _run("check", "clean", "--prompt", "   ")
+    assert r.exit_code == 2 and "empty prompt" in r.output
+
+
+def test_check_flags_a_triggered_prompt_and_passes_a_clean_one(tmp_path):
+    env = {"SAU_CACHE": str(tmp_path / "cache")}
+    r = _run("check", "badt2i-pixel", "--prompt", "\u200b an image of a red circle", "--json", env=env)
+    assert r.exit_code == 1, r.output
+    r = _run("check", "badt2i-pixel", "--prompt", "an image of a red circle", env=env)
+    assert r.exit_code == 0, r.output
+    assert "nothing above threshold" in r.output
+
+
+@pytest.mark.slow
+def test_scan_finds_the_pixel_trigger_and_caches(tmp_path):
+    import json
+    import time
+
+    env = {"SAU_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "scan.json"
+    t0 = time.time()
+    r = _run("scan", "badt2i-pixel", "--json", str(out), env=env)
+    first = time.time() - t0
+    assert r.exit_code == 1, r.output
+    d = json.loads(out.read_text())
+    assert d["verdict"] == "suspicious" and d["candidates"][0]["text"] == "\u200b"
+    assert d["coverage"]["text_sweep_tokens"] == 49405
+    t0 = time.time()
+    r = _run("scan", "badt2i-pixel", "--json", str(out), env=env)
+    assert r.exit_code == 1 and time.time() - t0 < first / 2
+    assert all(json.loads(out.read_text())["cached"].values())
