@@ -250,6 +250,7 @@ def test_clean_to_new_repo_private_when_licence_restricts(hub, env):
     assert hub.state.files("alice/obj-other") == organism_files(license="other")  # source untouched
 
 
+@pytest.mark.slow  # the engine's trigger search dominates (minutes on 2 busy cores); sau_core's scan has its own tests
 def test_scan_reports_files_security_and_candidates(hub, env):
     from hub_tools.flow import scan_module
 
