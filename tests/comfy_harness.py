@@ -91,7 +91,7 @@ def link_pack(comfy: Path) -> Path:
 
 
 #: Modules of ComfyUI that import torchvision when ``comfy.model_base`` loads.
-_TV_USERS = ("comfy.sd", "comfy.model_base", "comfy.supported_models", "nodes")
+_TV_USERS = ("comfy.sd", "comfy.model_base", "comfy.supported_models", "comfy.controlnet", "nodes")
 
 
 def _with_stand_in(import_all) -> None:
@@ -134,7 +134,7 @@ sys.path.append(stubs)
 import comfy.options
 comfy.options.enable_args_parsing()
 import comfy.cli_args
-for m in ("comfy.sd", "comfy.model_base", "comfy.supported_models"):
+for m in ("utils.extra_config", "comfy.sd", "comfy.model_base", "comfy.supported_models", "comfy.controlnet", "nodes"):
     importlib.import_module(m)
 sys.path.remove(stubs)
 for m in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:

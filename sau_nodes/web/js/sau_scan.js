@@ -54,7 +54,7 @@ app.registerExtension({
         }
       }
       renderScan(this.sauPanel, scan, message.images);
-      this.setSize?.([Math.max(this.size[0], 320), Math.max(this.size[1], 360)]);
+      this.setSize?.([Math.max(this.size[0], 380), Math.max(this.size[1], 640)]);
       this.setDirtyCanvas?.(true, true);
     };
   },
