@@ -224,11 +224,11 @@ def test_web_extension_renders_a_scan_result_in_chromium(server, clean_run):
                     const app = window.app;
                     for (const n of [...app.graph._nodes]) app.graph.remove(n);
                     const node = window.LiteGraph.createNode("SAU_Scan");
-                    node.pos = [200, 40];
+                    node.pos = [220, 110];
                     app.graph.add(node);
                     node.onExecuted(message);  // what the frontend calls on the server's 'executed' event
                     app.canvas.ds.offset = [0, 0];
-                    app.canvas.ds.scale = 1.2;
+                    app.canvas.ds.scale = 1.0;
                     app.graph.setDirtyCanvas(true, true);
                     await new Promise(r => setTimeout(r, 500));
                     const panel = node.sauPanel;
@@ -248,3 +248,21 @@ def test_web_extension_renders_a_scan_result_in_chromium(server, clean_run):
             page.screenshot(path=str(SCREENSHOT))
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_every_example_workflow_matches_the_servers_nodes(server):
+    """Each example (including the SD1.5 one, which needs a real checkpoint to run) names existing nodes and
+    gives every required input."""
+    info = _get(server.url + "/object_info")
+    files = sorted(EXAMPLES.glob("*.json"))
+    assert {f.name for f in files} >= {"organism_scan_unlearn.json", "organism_guard.json", "sd15_unlearn.json"}
+    for f in files:
+        wf = json.loads(f.read_text())
+        for nid, node in wf.items():
+            spec = info.get(node["class_type"])
+            assert spec is not None, f"{f.name}: node {nid} {node['class_type']} unknown"
+            missing = set(spec["input"].get("required", {})) - set(node["inputs"])
+            assert not missing, f"{f.name}: node {nid} lacks {missing}"
+            unknown = set(node["inputs"]) - set(spec["input"].get("required", {})) - set(spec["input"].get("optional", {}))
+            assert not unknown, f"{f.name}: node {nid} has unknown inputs {unknown}"
