@@ -123,7 +123,7 @@ def _settle_libraries() -> None:
     transformers.utils.is_torchvision_available()
 
 
-LAUNCHER = '''"""Start ComfyUI's main.py with the stand-in torchvision visible only while ComfyUI imports (SAU tests)."""
+LAUNCHER = '''"""Start ComfyUI's main.py; the stand-in torchvision is visible only while ComfyUI imports (SAU tests)."""
 import importlib, runpy, sys
 comfy_dir, stubs = sys.argv[1], sys.argv[2]
 sys.argv = [comfy_dir + "/main.py"] + sys.argv[3:]
@@ -164,8 +164,10 @@ def import_comfy(output_dir: Path | None = None):
     ``comfy.model_management`` is imported). Returns the ComfyUI folder."""
     global _IMPORTED
     comfy = ensure_comfyui()
+    for p in (comfy / "comfy", comfy):  # nodes.py puts ComfyUI/comfy first, main.py's folder comes next
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
     if not _IMPORTED:
-        sys.path.insert(0, str(comfy))
         import comfy.options
         comfy.options.enable_args_parsing(False)
         import comfy.cli_args
@@ -179,3 +181,11 @@ def import_comfy(output_dir: Path | None = None):
         import folder_paths
         folder_paths.set_output_directory(str(output_dir))
     return comfy
+
+
+def release_paths() -> None:
+    """Take ComfyUI's folders off sys.path again (its modules stay imported), so that the rest of a pytest
+    session does not resolve top-level names such as ``utils`` or ``nodes`` to ComfyUI's."""
+    for p in (COMFY, COMFY / "comfy"):
+        while str(p) in sys.path:
+            sys.path.remove(str(p))

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from comfy_harness import import_comfy
+from comfy_harness import import_comfy, release_paths
 
 ORGANISM = "badt2i-pixel"
 EVAL_SEEDS = (1001,)  # one held-out seed: 36 clean + 36 triggered prompts
@@ -30,7 +30,8 @@ def comfy(tmp_path_factory):
     for name in ("sau_patches", "loras"):
         (base / name).mkdir()
         folder_paths.folder_names_and_paths[name] = ([str(base / name)], {".safetensors"})
-    return base
+    yield base
+    release_paths()
 
 
 @pytest.fixture(scope="module")

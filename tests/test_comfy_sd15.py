@@ -8,7 +8,7 @@ import gc
 import pytest
 import torch
 
-from comfy_harness import import_comfy
+from comfy_harness import import_comfy, release_paths
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,8 @@ def sd15(tmp_path_factory):
 
     with torch.inference_mode():
         model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint("sd15_random.safetensors")[:3]
-    return base, model, clip, vae
+    yield base, model, clip, vae
+    release_paths()
 
 
 def test_unlearn_on_an_sd15_checkpoint_and_lora_loader_reads_the_export(sd15):

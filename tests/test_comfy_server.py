@@ -264,5 +264,6 @@ def test_every_example_workflow_matches_the_servers_nodes(server):
             assert spec is not None, f"{f.name}: node {nid} {node['class_type']} unknown"
             missing = set(spec["input"].get("required", {})) - set(node["inputs"])
             assert not missing, f"{f.name}: node {nid} lacks {missing}"
-            unknown = set(node["inputs"]) - set(spec["input"].get("required", {})) - set(spec["input"].get("optional", {}))
+            known = set(spec["input"].get("required", {})) | set(spec["input"].get("optional", {}))
+            unknown = set(node["inputs"]) - known
             assert not unknown, f"{f.name}: node {nid} has unknown inputs {unknown}"
