@@ -312,3 +312,22 @@ def test_scan_node_reports_candidates_and_a_heatmap(organism):
     scan = ui["sau_scan"][0]
     assert scan["candidates"] and top == scan["candidates"][0]["text"]
     assert ui["images"][0]["type"] == "temp"
+
+
+def test_apply_patch_node_scales_and_checks_the_architecture(organism, unlearned):
+    from sau_nodes import bridge
+    from sau_nodes import nodes as sn
+
+    model, clip, _, _ = organism
+    (m2, _c2, patch, _), _, _ = unlearned
+    with torch.inference_mode():
+        full = sn.ApplyPatch.execute(model, clip, patch, 1.0).result[0]
+        half = sn.ApplyPatch.execute(model, clip, patch, 0.5).result[0]
+    assert set(full.patches) == set(half.patches) == set(m2.patches)
+    for k in m2.patches:
+        assert full.patches[k][0][0] == 1.0 and half.patches[k][0][0] == 0.5  # strength_patch
+        assert torch.equal(full.patches[k][0][1][0], m2.patches[k][0][1][0])
+    assert not model.patches
+    wrong = bridge.SauPatch(patch.tensors, patch.metadata, "sd1", patch.trigger)
+    with pytest.raises(Exception, match="made for a sd1 model; this MODEL is organism"):
+        sn.ApplyPatch.execute(model, clip, wrong, 1.0)
