@@ -267,3 +267,35 @@ def test_every_example_workflow_matches_the_servers_nodes(server):
             known = set(spec["input"].get("required", {})) | set(spec["input"].get("optional", {}))
             unknown = set(node["inputs"]) - known
             assert not unknown, f"{f.name}: node {nid} has unknown inputs {unknown}"
+
+
+@pytest.mark.slow
+def test_cancel_interrupts_unlearn(server):
+    """Cancel (POST /interrupt) stops a running SAU Unlearn: the prompt ends as interrupted in that node."""
+    wf = {
+        "1": {"class_type": "SAU_OrganismLoader", "inputs": {"organism": "badt2i-object"}},
+        "2": {"class_type": "SAU_Unlearn", "inputs": {"model": ["1", 0], "clip": ["1", 1], "trigger": ["1", 3],
+                                                      "preset": "thorough", "placement": "auto", "seed": 0}},
+        "3": {"class_type": "SAU_SavePatch", "inputs": {"patch": ["2", 2], "filename_prefix": "interrupted",
+                                                        "format": "sau patch"}},
+    }
+    pid = _post(server.url + "/prompt", {"prompt": wf, "client_id": "sau-test"})["prompt_id"]
+    deadline = time.time() + 120
+    while not _get(server.url + "/queue")["queue_running"]:
+        assert time.time() < deadline, server.tail()
+        time.sleep(0.2)
+    time.sleep(4)  # inside SAU Unlearn (the loader takes about a second)
+    req = urllib.request.Request(server.url + "/interrupt", data=b"{}", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).close()
+    t0 = time.time()
+    while True:
+        hist = _get(f"{server.url}/history/{pid}")
+        if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+            break
+        assert time.time() - t0 < 120, "Unlearn did not stop after Cancel:\n" + server.tail()
+        time.sleep(0.5)
+    messages = dict((m[0], m[1]) for m in hist[pid]["status"]["messages"])
+    assert "execution_interrupted" in messages, messages
+    assert messages["execution_interrupted"]["node_type"] == "SAU_Unlearn"
+    assert "3" not in hist[pid]["outputs"]
