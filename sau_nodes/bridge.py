@@ -67,6 +67,15 @@ def progress_callback(bar=None) -> Callable[[str, int, int], None]:
     return report
 
 
+def make_interruptible(handle) -> None:
+    """Check ComfyUI's Cancel before every UNet and text-encoder forward of the engine's work on ``handle``
+    (the engine reports progress between stages and steps; a localisation pass can take a while on its own).
+    The hooks sit on the handle's own modules, which are copies: ComfyUI's models are not touched."""
+    for m in (handle.unet, handle.text_encoder):
+        if m is not None:
+            m.register_forward_pre_hook(lambda _mod, _args: interrupted())
+
+
 @dataclass
 class Organism:
     name: str

@@ -125,6 +125,7 @@ class Scan(io.ComfyNode):
         from sau_core.scan import scan, user_candidate
 
         handle = bridge.handle_from_comfy(model, clip)
+        bridge.make_interruptible(handle)
         cands = [user_candidate(_text(line.strip())) for line in (candidates or "").splitlines() if line.strip()]
         out = Path(folder_paths.get_temp_directory()) / "sau_scan" / f"{int(time.time() * 1000)}"
         res = _engine(scan, handle, candidates=cands, budget=budget, progress=bridge.progress_callback(),
@@ -184,6 +185,7 @@ def run_unlearn(model, clip, trig, preset: str = "fast", seed: int = 0, *, overr
     from sau_core.sanitize import sanitize
 
     handle = bridge.handle_from_comfy(model, clip)
+    bridge.make_interruptible(handle)
     if latent_size is not None:
         handle.unet.register_to_config(sample_size=int(latent_size))
     res = _engine(sanitize, handle, trig, preset, seed=seed, progress=bridge.progress_callback(),
