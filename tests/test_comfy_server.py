@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -18,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from browser import launch
 from comfy_harness import ROOT, ensure_comfyui, server_command
 
 EXAMPLES = ROOT / "examples" / "comfyui"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = ROOT / "runs" / "comfyui" / "comfyui_scan.png"  # the README image is a copy of it
 
 
@@ -196,7 +195,6 @@ def test_saved_patch_loads_back_through_the_server(server, clean_run):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 def test_web_extension_renders_a_scan_result_in_chromium(server, clean_run):
     """The UI loads with the pack, the extension is registered, and a real scan result (the server's own
     'executed' message from the workflow run) renders on a SAU Scan node."""
@@ -204,8 +202,7 @@ def test_web_extension_renders_a_scan_result_in_chromium(server, clean_run):
 
     message = json.loads((server.base / "scan_ui.json").read_text())
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"])
+        browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             errors = []

@@ -172,7 +172,9 @@ def test_scan_finds_the_pixel_trigger_and_caches(tmp_path):
     d = json.loads(out.read_text())
     assert r.exit_code == (1 if d["verdict"] == "suspicious" else 0), r.output
     assert d["candidates"][0]["text"] == "\u0430"  # measured: rank 1 after minimal_first (pairs hold it)
-    assert d["coverage"]["text_sweep_tokens"] == 49405
+    # every token but the specials: the organism's tokenizer pads with <|endoftext|>, so 49,408 - {bos, eos}
+    tok = load_model(organism_path("rickrolling-tpa")).tokenizer
+    assert d["coverage"]["text_sweep_tokens"] == len(tok) - 2 == 49406
     t0 = time.time()
     r = _run("scan", "rickrolling-tpa", "--json", str(out), env=env)
     assert r.exit_code in (0, 1) and time.time() - t0 < first / 2
