@@ -33,6 +33,11 @@ LDM_ARCHES = ("sd1", "sd2", "sd2-v", "sdxl")
 MODELSPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
              "sdxl": "stable-diffusion-xl-v1-base"}
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+#: A model of no shipped architecture (the organisms) written as one file: the SD1 key naming, traced from
+#: diffusers' own converters run with the model's configs, which travel as JSON in this metadata entry.
+ORGANISM_CONFIGS = "sau.organism_configs"
+_ORGANISM_LAYOUT = "sd1"
+_ORGANISM_PARTS = ("unet", "vae", "text_encoder")
 _MODEL_CLASSES = {"UNet2DConditionModel": "diffusers", "AutoencoderKL": "diffusers",
                   "CLIPTextModel": "transformers", "CLIPTextModelWithProjection": "transformers"}
 _PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -152,7 +157,10 @@ def empty_components(arch: str) -> dict[str, torch.nn.Module]:
 
 
 def _tokenizer(folder: Path | None, pad_token: str | None):
-    from transformers import CLIPTokenizer
+    # transformers 5's CLIPTokenizer is the tokenizers-backed one; on 4.x (the line A1111 and Forge pin) the
+    # slow CLIPTokenizer strips format characters such as U+200B, so a zero-width trigger would vanish.
+    # CLIPTokenizerFast tokenizes as 5.x does on both lines.
+    from transformers import CLIPTokenizerFast as CLIPTokenizer
 
     if folder is not None and ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
         return CLIPTokenizer.from_pretrained(str(folder))
@@ -260,12 +268,14 @@ class LdmPlan:
     problems: list[str]  # missing or misshapen weights
 
 
-def plan_ldm(shapes: Mapping[str, Iterable[int]], arch: str) -> LdmPlan:
+def plan_ldm(shapes: Mapping[str, Iterable[int]], arch: str, models: dict | None = None) -> LdmPlan:
+    """``models``: meta components to fill (an organism file's, built from its embedded configs); default:
+    the shipped architecture's."""
     shapes = {k: tuple(s) for k, s in shapes.items()}
-    models = empty_components(arch)
+    models = empty_components(arch) if models is None else models
     entries: dict[str, list[Entry]] = {}
     problems, consumed = [], set()
-    for component, (kind, prefix) in LAYOUTS[arch].items():
+    for component, (kind, prefix) in LAYOUTS[arch if arch in LAYOUTS else _ORGANISM_LAYOUT].items():
         model = models[component]
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         cfg = dict(model.config) if isinstance(model.config, Mapping) else model.config.to_dict()
@@ -285,15 +295,17 @@ def plan_ldm(shapes: Mapping[str, Iterable[int]], arch: str) -> LdmPlan:
 
 
 def _handle_from_ldm(sd: Mapping[str, torch.Tensor], arch: str, dtype, *, source: str, source_format: str,
-                     metadata: Mapping[str, str] | None = None, copy: bool = False) -> ModelHandle:
-    plan = plan_ldm({k: v.shape for k, v in sd.items()}, arch)
+                     metadata: Mapping[str, str] | None = None, copy: bool = False,
+                     organism: tuple[dict, dict] | None = None) -> ModelHandle:
+    """``organism``: (meta components, tokenizer + scheduler) of an organism file (see :func:`_organism_parts`)."""
+    plan = plan_ldm({k: v.shape for k, v in sd.items()}, arch, organism[0] if organism else None)
     if plan.problems:
         raise UnsupportedModelError(f"not a complete {arch} checkpoint: " + "; ".join(plan.problems))
     for component, model in plan.models.items():
         state = {e.key: _cast(apply_ops(sd[e.ldm_key], e.ops), dtype, copy) for e in plan.entries[component]}
         _fill(model, state, component)
     return ModelHandle(
-        **plan.models, **_arch_tokenizers_and_scheduler(arch), arch=arch, source=source,
+        **plan.models, **(organism[1] if organism else _arch_tokenizers_and_scheduler(arch)), arch=arch, source=source,
         source_format=source_format, metadata=dict(metadata or {}),
         extras={k: (sd[k].clone() if copy else sd[k]) for k in plan.extras},
         ldm_entries=[e for es in plan.entries.values() for e in es])
@@ -439,6 +451,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
             raise SauError(f"{p} is a folder without model_index.json; not a diffusers pipeline folder")
         return _load_diffusers(p, dtype)
     info = validate_safetensors(p, check_values=False)  # refuses pickles, missing files, corrupt headers
+    if arch is None and ORGANISM_CONFIGS in info.metadata:
+        return _handle_from_ldm(load_safetensors(p), "organism", dtype, source=str(p), source_format="single-file",
+                                metadata=info.metadata, organism=_organism_parts(info.metadata[ORGANISM_CONFIGS]))
     if arch is not None and arch not in LDM_ARCHES:
         raise UnsupportedModelError(f"unknown architecture {arch!r} (known: {', '.join(LDM_ARCHES)})")
     arch = arch or detect_architecture({k: e.shape for k, e in info.tensors.items()}, info.metadata)
@@ -506,11 +521,72 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
         raise
 
 
+def has_single_file_layout(arch: str) -> bool:
+    """Shipped architectures and organisms (SD1 naming plus embedded configs) can be written as one file."""
+    return arch in LDM_ARCHES or arch == "organism"
+
+
+def _organism_entries(handle: ModelHandle) -> list[Entry]:
+    from .keymap import derive_entries
+
+    models = handle.models()
+    if set(models) != set(_ORGANISM_PARTS):
+        raise UnsupportedModelError(f"a single-file organism holds {', '.join(_ORGANISM_PARTS)}, not "
+                                    f"{', '.join(sorted(models))}")
+    return derive_entries(_ORGANISM_LAYOUT, {c: ({k: tuple(v.shape) for k, v in m.state_dict().items()},
+                                                 _plain_config(m)) for c, m in models.items()})
+
+
+def _plain_config(model) -> dict:
+    cfg = model.config
+    cfg = dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict()
+    return {k: v for k, v in cfg.items() if k != "_name_or_path"}  # no local paths in a written file
+
+
+def _organism_configs(handle: ModelHandle) -> str:
+    """The JSON that :func:`_organism_parts` rebuilds the components from (classes, configs, scheduler)."""
+    from transformers import CLIPTokenizerFast
+
+    shipped = CLIPTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    if handle.tokenizer.get_vocab() != shipped.get_vocab():
+        raise UnsupportedModelError("a single-file organism uses the shipped CLIP vocabulary; this tokenizer differs")
+    doc = {"format": 1,
+           "components": {c: [type(m).__name__, _plain_config(m)] for c, m in handle.models().items()},
+           "scheduler": [type(handle.scheduler).__name__, dict(handle.scheduler.config)],
+           "tokenizer": {"pad_token": str(handle.tokenizer.pad_token)}}
+    return json.dumps(doc, sort_keys=True, default=list)
+
+
+def _organism_parts(text: str) -> tuple[dict, dict]:
+    """Meta components and tokenizer + scheduler from an organism file's embedded configs. Untrusted input:
+    only the supported component classes and diffusers schedulers are built, from plain config values."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UnsupportedModelError(f"{ORGANISM_CONFIGS} is not valid JSON ({exc})") from None
+    comps = doc.get("components") if isinstance(doc, dict) else None
+    sched, tok = (doc.get("scheduler"), doc.get("tokenizer")) if isinstance(doc, dict) else (None, None)
+    if (doc.get("format") if isinstance(doc, dict) else None) != 1 or not isinstance(comps, dict) \
+            or set(comps) != set(_ORGANISM_PARTS) or not isinstance(tok, dict):
+        raise UnsupportedModelError(f"{ORGANISM_CONFIGS} must hold format 1, {', '.join(_ORGANISM_PARTS)}, a "
+                                    "scheduler and a tokenizer entry")
+    for name, spec in [*comps.items(), ("scheduler", sched)]:
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict)):
+            raise UnsupportedModelError(f"{ORGANISM_CONFIGS}: {name} is not a [class, config] pair")
+    pad = tok.get("pad_token")
+    models = {c: _empty_model(cls, cfg) for c, (cls, cfg) in comps.items()}
+    return models, {"scheduler": _scheduler(sched[0], sched[1]),
+                    "tokenizer": _tokenizer(None, pad if isinstance(pad, str) else None)}
+
+
 def _entries_for_save(handle: ModelHandle) -> list[Entry]:
-    if handle.arch not in LDM_ARCHES:
+    if not has_single_file_layout(handle.arch):
         raise UnsupportedModelError(
             f"a {handle.arch} model has no original single-file layout; save it as a diffusers folder")
-    entries = handle.ldm_entries if handle.ldm_entries is not None else get_keymap(handle.arch).entries
+    if handle.ldm_entries is not None:
+        entries = handle.ldm_entries
+    else:
+        entries = _organism_entries(handle) if handle.arch == "organism" else get_keymap(handle.arch).entries
     models = handle.models()
     for component, model in models.items():
         have = set(model.state_dict())
@@ -551,10 +627,17 @@ def save_single_file(handle: ModelHandle, path: str | os.PathLike, metadata: Map
                      *, include_extras: bool = True) -> Path:
     """Write a single-file checkpoint in the original naming (what A1111, Forge and ComfyUI load).
 
+    An organism (no shipped architecture) is written in the SD1 naming with its component configs embedded
+    (``sau.organism_configs``), which :func:`load_model` rebuilds it from; A1111 lists such a file but its own
+    loader cannot run it (the organism's sizes are not SD1's).
     Metadata: the source file's, then ``modelspec.architecture``, then ``metadata``. ``include_extras=False``
     drops tensors no component holds (for example EMA weights, which a clean must not carry over unchanged)."""
     tensors = ldm_state_dict(handle, include_extras)
-    meta = {**handle.metadata, "modelspec.architecture": MODELSPEC[handle.arch], **(metadata or {})}
+    if handle.arch == "organism":  # no model-spec name; the configs to rebuild it from instead
+        arch_meta = {ORGANISM_CONFIGS: _organism_configs(handle)}
+    else:
+        arch_meta = {"modelspec.architecture": MODELSPEC[handle.arch]}
+    meta = {**handle.metadata, **arch_meta, **(metadata or {})}
     write_safetensors(path, tensors, meta)
     return Path(path)
 

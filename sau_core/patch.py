@@ -37,7 +37,8 @@ import torch
 
 from .errors import SauError, UnsupportedModelError
 from .keymap import kohya_lora_name
-from .model_io import LDM_ARCHES, ModelHandle, save_diffusers, save_single_file, write_safetensors
+from .model_io import (LDM_ARCHES, ModelHandle, has_single_file_layout, save_diffusers, save_single_file,
+                       write_safetensors)
 from .safety import load_safetensors, validate_safetensors
 
 FORMAT = "sau-patch/1"
@@ -614,7 +615,7 @@ def kohya_tensors(handle: ModelHandle, adapter: str = ADAPTER) -> dict[str, torc
 
 
 def _require_ldm(handle: ModelHandle, fmt: str) -> None:
-    if handle.arch not in LDM_ARCHES:
+    if handle.arch not in LDM_ARCHES and not (fmt == "single-file" and has_single_file_layout(handle.arch)):
         raise SauError(f"a {handle.arch!r} model has no original (LDM) key naming, so there is no {fmt} layout "
                        "for it; export as 'lora' (diffusers/peft LoRA), 'patch' or 'diffusers' instead")
 

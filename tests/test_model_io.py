@@ -25,6 +25,7 @@ from sau_core.keymap import (
     ldm_to_diffusers_key,
 )
 from sau_core.model_io import (
+    ORGANISM_CONFIGS,
     TOKENIZER_DIR,
     ModelHandle,
     detect_architecture,
@@ -38,7 +39,7 @@ from sau_core.model_io import (
     save_single_file,
     write_safetensors,
 )
-from sau_core.safety import validate_safetensors
+from sau_core.safety import load_safetensors, validate_safetensors
 
 # ------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -253,9 +254,52 @@ def test_tiny_diffusers_folder_round_trip_and_generation(tmp_path):
         save_diffusers(h, folder)
     save_diffusers(tiny_handle(seed=1), folder, overwrite=True)
     assert not torch.equal(load_model(folder).unet.conv_in.weight, h.unet.conv_in.weight)
-    with pytest.raises(UnsupportedModelError, match="no original single-file layout"):
-        save_single_file(h, tmp_path / "tiny.safetensors")
-    assert not (tmp_path / "tiny.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Organisms as one file (what A1111 / Forge list in models/Stable-diffusion): SD1 naming + embedded configs
+
+
+def test_organism_single_file_round_trip(tmp_path):
+    h = tiny_handle()
+    path = save_single_file(h, tmp_path / "tiny.safetensors")
+    info = validate_safetensors(path, check_values=False)
+    assert ORGANISM_CONFIGS in info.metadata and "modelspec.architecture" not in info.metadata
+    assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in info.tensors
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in info.tensors
+    assert "first_stage_model.decoder.conv_out.weight" in info.tensors
+    back = load_model(path, dtype=None)
+    assert (back.arch, back.source_format) == ("organism", "single-file")
+    assert_same_weights(h, back)
+    assert dict(back.scheduler.config) == dict(h.scheduler.config) and type(back.scheduler) is type(h.scheduler)
+    assert back.tokenizer("\u200ba red circle").input_ids == h.tokenizer("\u200ba red circle").input_ids
+    again = save_single_file(back, tmp_path / "again.safetensors")
+    assert again.read_bytes() == path.read_bytes()  # load -> save gives the same file, byte for byte
+    # an SD1.5 file still loads as SD1 (the organism path only triggers on the embedded configs)
+    assert load_model(save_single_file(random_handle("sd1"), tmp_path / "sd1.safetensors"), dtype=None).arch == "sd1"
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: {**d, "format": 2}, "format 1"),
+    (lambda d: {**d, "components": {k: v for k, v in d["components"].items() if k != "vae"}}, "format 1"),
+    (lambda d: {**d, "components": {**d["components"], "unet": ["os.system", {}]}}, "not supported"),
+    (lambda d: {**d, "scheduler": ["AutoencoderKL", {}]}, "not a diffusers scheduler"),
+    (lambda d: {**d, "scheduler": "DDIMScheduler"}, "not a .class, config. pair"),
+    (lambda d: {**d, "components": {**d["components"], "unet": ["UNet2DConditionModel", {
+        **d["components"]["unet"][1], "block_out_channels": [64, 128]}]}}, "do not fit|wrong shape"),
+])
+def test_organism_single_file_bad_configs_refused(tmp_path, edit, match):
+    path = save_single_file(tiny_handle(), tmp_path / "tiny.safetensors")
+    meta = dict(validate_safetensors(path, check_values=False).metadata)
+    meta[ORGANISM_CONFIGS] = json.dumps(edit(json.loads(meta[ORGANISM_CONFIGS])))
+    bad = tmp_path / "bad.safetensors"
+    write_safetensors(bad, load_safetensors(path), meta)
+    with pytest.raises(UnsupportedModelError, match=match):
+        load_model(bad)
+    meta[ORGANISM_CONFIGS] = "{not json"
+    write_safetensors(bad, load_safetensors(path), meta)
+    with pytest.raises(UnsupportedModelError, match="not valid JSON"):
+        load_model(bad)
 
 
 def test_folder_written_by_diffusers_itself_loads(tmp_path):

@@ -267,13 +267,24 @@ def test_diffusers_export_reloads_as_the_merged_model(src, tmp_path):
     assert _has_lora(src)  # the caller's handle still carries its adapters
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "single-file"])
-def test_organism_has_no_kohya_or_single_file_layout(src, tmp_path, fmt):
+def test_organism_has_no_kohya_layout(src, tmp_path):
     with pytest.raises(SauError, match="no original .LDM. key naming.*'lora'"):
-        export(src, fmt, tmp_path / "x.safetensors", META)
+        export(src, "kohya", tmp_path / "x.safetensors", META)
     assert listing(tmp_path) == []
     with pytest.raises(SauError, match="no original"):
         kohya_tensors(src)
+
+
+def test_organism_single_file_export_reloads_as_the_merged_model(src, tmp_path):
+    out = export(src, "single-file", tmp_path / "clean.safetensors", META)
+    assert listing(tmp_path) == ["clean.safetensors"]
+    back = load_model(out)
+    assert (back.arch, back.source_format) == ("organism", "single-file")
+    merged = merged_handle(src)
+    for name in ("unet", "text_encoder", "vae"):
+        a, b = getattr(back, name).state_dict(), getattr(merged, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert validate_safetensors(out).metadata["sau.method"] == "sau"
 
 
 def test_unknown_format_and_overwrite(src, tmp_path):
