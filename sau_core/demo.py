@@ -28,6 +28,12 @@ CELL = 4  # upscale factor of each 32 px image in the grids
 
 def save_grid(before: torch.Tensor, after: torch.Tensor, path: Path) -> Path:
     """Two rows (before on top, after below) of (N, 3, H, W) images in [0, 1], 2 px gaps."""
+    grid_image(before, after).save(path)
+    return path
+
+
+def grid_image(before: torch.Tensor, after: torch.Tensor):
+    """The grid of :func:`save_grid` as a PIL image."""
     from PIL import Image
 
     n, _, h, w = before.shape
@@ -39,8 +45,43 @@ def save_grid(before: torch.Tensor, after: torch.Tensor, path: Path) -> Path:
             y, x = row * (h * CELL + gap), i * (w * CELL + gap)
             canvas[:, y : y + h * CELL, x : x + w * CELL] = big
     arr = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(path)
-    return path
+    return Image.fromarray(arr)
+
+
+def preview_prompts(handle, trigger, n: int = GRID_PROMPTS) -> list[str]:
+    """Clean prompts for before/after grids of any model: the organism's held-out prompts (never used by a
+    clean), else the everyday prompts, keeping those the trigger can be placed in."""
+    if handle.arch == "organism":
+        from .organism import world as W
+
+        pool = [p for p, _ in W.heldout_prompts()]
+    else:
+        from .sanitize import GENERIC_PROMPTS
+
+        pool = list(GENERIC_PROMPTS)
+    usable = [p for p in pool if trigger.insert(p) != p]
+    step = max(1, len(usable) // n)
+    return usable[::step][:n]
+
+
+def preview(pipe, trigger, prompts: list[str], seed: int = GRID_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """(triggered, clean) images of ``prompts``, each pair from the same noise."""
+    from .organism.evaluate import generate
+
+    imgs = generate(pipe, [trigger.insert(p) for p in prompts] + list(prompts), [seed] * (2 * len(prompts)))
+    return imgs[: len(prompts)], imgs[len(prompts):]
+
+
+def preview_metrics(before: tuple[torch.Tensor, torch.Tensor], after: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """What the grids show, measured without detectors (any model): how far the trigger moves each image from
+    its clean-prompt twin (mean absolute pixel difference in [0, 1], same noise) before and after, and how
+    much the clean-prompt images changed (PSNR after vs before, dB; higher is closer)."""
+    from .organism.evaluate import psnr
+
+    (tb, cb), (ta, ca) = before, after
+    return {"trigger_effect_before": round(float((tb - cb).abs().mean()), 4),
+            "trigger_effect_after": round(float((ta - ca).abs().mean()), 4),
+            "clean_psnr_db": round(psnr(ca, cb), 2), "images": len(tb)}
 
 
 def _grid_prompts(backdoor) -> list[str]:

@@ -71,9 +71,9 @@ def make_interruptible(handle) -> None:
     """Check ComfyUI's Cancel before every UNet and text-encoder forward of the engine's work on ``handle``
     (the engine reports progress between stages and steps; a localisation pass can take a while on its own).
     The hooks sit on the handle's own modules, which are copies: ComfyUI's models are not touched."""
-    for m in (handle.unet, handle.text_encoder):
-        if m is not None:
-            m.register_forward_pre_hook(lambda _mod, _args: interrupted())
+    from sau_core.interrupt import check_before_forward
+
+    check_before_forward(handle, interrupted)
 
 
 @dataclass
