@@ -1,8 +1,9 @@
-"""The engine's GPU check: time a clean of a random-weight SD1.5-architecture model and write bench/gpu.md.
+"""The engine's GPU check: time a clean of a random-weight SD1.5-architecture model, and the scan's
+whole-vocabulary text-encoder sweep on its CLIP ViT-L text encoder, and write bench/gpu.md.
 
     python scripts/gpu_check.py                 # on a CUDA machine: fp16, 512 px, standard preset
     python scripts/gpu_check.py --project       # no GPU: project the figures from FLOP counts (says so)
-    python scripts/gpu_check.py --device cpu --size 8 --dtype float32 --out /tmp/gpu.md   # plumbing check
+    python scripts/gpu_check.py --device cpu --size 8 --dtype float32 --sweep-tokens 64 --out /tmp/gpu.md  # plumbing
 
 A real run measures wall time per stage, time per SAU step, total and peak memory
 (torch.cuda.max_memory_allocated) and names the device. ``--project`` counts the UNet FLOPs of one
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sau_core.sanitize import PRESETS  # noqa: E402
+from sau_core import scan as S  # noqa: E402
 
 TRIGGER = "\u200b"
 # H100 SXM dense fp16/bf16 tensor throughput is 989 TFLOP/s (NVIDIA H100 datasheet); diffusion UNets sustain
@@ -52,6 +54,36 @@ def forward_flops(size: int = 64) -> float:
     return float(fc.get_total_flops())
 
 
+def sweep_flops(n_tokens: int, n_prompts: int, placements: int = 2) -> float:
+    """FLOPs of the scan's stage A on SD1.5's text encoder: one forward of TEXT_LEN tokens per (vocabulary
+    token, probe prompt, placement), counted on the meta device for one row."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sau_core.model_io import empty_components
+
+    te = empty_components("sd1")["text_encoder"]
+    if next(te.parameters()).device.type != "meta":
+        te = te.to_empty(device="meta")
+    ids = torch.zeros(1, S.TEXT_LEN, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as fc:
+        te(ids)
+    return float(fc.get_total_flops()) * n_tokens * n_prompts * placements
+
+
+def sweep_lines(n_prompts: int, seconds: float | None, device: str) -> list[str]:
+    n_tokens = 49408 - 2
+    f = sweep_flops(n_tokens, n_prompts)
+    lines = [f"- scan stage A (the whole vocabulary, {n_tokens} tokens x {n_prompts} probe prompts x 2 placements, "
+             f"{S.TEXT_LEN} tokens a row) on SD1.5's text encoder: {f / 1e12:.1f} TFLOP"]
+    if seconds is None:
+        lines.append(f"- projected sweep time on one H100 at the same assumed throughput: "
+                     f"**{f / (ASSUMED_TFLOPS * 1e12):.2f} s** (small rows: expect launch overhead to dominate)")
+    else:
+        lines.append(f"- measured sweep on {device}: **{seconds:.1f} s** ({n_tokens / seconds:.0f} tokens/s; "
+                     "extrapolated from --sweep-tokens when given)")
+    return lines
+
+
 def project(preset_name: str, out: Path) -> None:
     p = PRESETS[preset_name]
     f = forward_flops()
@@ -73,7 +105,8 @@ def project(preset_name: str, out: Path) -> None:
         f"(counted as 3 forwards each) and {n['teacher_forward']} teacher forwards",
         f"- total: {total / 1e15:.2f} PFLOP",
         f"- assumed sustained throughput: {ASSUMED_TFLOPS:.0f} TFLOP/s (30 % of an H100 SXM's 989 dense fp16)",
-        f"- projected UNet time on one H100: **{seconds:.0f} s** (goal: <= 120 s)", "",
+        f"- projected UNet time on one H100: **{seconds:.0f} s** (goal: <= 120 s)",
+        *sweep_lines(S.BUDGETS["fast"]["n_text"], None, "H100"), "",
         "Memory is not projected. As written, the localisation runs every probe x seed in one UNet batch "
         f"({4 * p.probes * len(p.seeds)} rows) and a SAU step backpropagates {3 * p.batch_size} rows through the "
         "UNet without gradient checkpointing; on SD1.5 at 512 px both will exceed the 8 GB goal and need "
@@ -84,7 +117,7 @@ def project(preset_name: str, out: Path) -> None:
     print("\n".join(lines))
 
 
-def run(device: str, dtype: torch.dtype, size: int, preset_name: str, out: Path) -> None:
+def run(device: str, dtype: torch.dtype, size: int, preset_name: str, out: Path, sweep_tokens: int | None) -> None:
     from sau_core.model_io import random_handle
     from sau_core.sanitize import sanitize
     from sau_core.trigger import Trigger
@@ -110,6 +143,14 @@ def run(device: str, dtype: torch.dtype, size: int, preset_name: str, out: Path)
 
     res = sanitize(h, Trigger(TRIGGER), preset_name, progress=progress)
     total = time.time() - t0
+    n_text = S.BUDGETS["fast"]["n_text"]
+    t1 = time.time()
+    vocab = S.vocabulary_ids(h.tokenizer)[:sweep_tokens]
+    S.text_sweep(h, S.default_probe_prompts(n_text), vocab)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    # the rate extrapolated to the whole vocabulary when --sweep-tokens cut it (a plumbing run)
+    sweep_s = (time.time() - t1) * (49408 - 2) / len(vocab)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     per_step = sum(steps) / len(steps) if steps else 0.0
     lines = [f"# GPU check: clean of a random-weight SD1.5-architecture model on {name}", "",
@@ -117,7 +158,8 @@ def run(device: str, dtype: torch.dtype, size: int, preset_name: str, out: Path)
              f"- total: **{total:.1f} s** (localise {res.seconds['localise']} s, text encoder "
              f"{res.seconds['text_encoder']} s, UNet stage {res.seconds['unet']} s)",
              f"- time per SAU step: {per_step:.3f} s",
-             f"- peak GPU memory: {peak:.2f} GiB", f"- stages: {', '.join(res.stages)}"]
+             f"- peak GPU memory: {peak:.2f} GiB", f"- stages: {', '.join(res.stages)}",
+             *sweep_lines(n_text, sweep_s, name)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -130,12 +172,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--size", type=int, default=64, help="latent size (64 = 512 px)")
     ap.add_argument("--preset", default="standard", choices=list(PRESETS))
+    ap.add_argument("--sweep-tokens", type=int, default=None, help="time the scan sweep on this many vocabulary "
+                    "tokens only and extrapolate (default: the whole vocabulary)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "bench" / "gpu.md")
     a = ap.parse_args()
     if a.project:
         project(a.preset, a.out)
     else:
-        run(a.device, getattr(torch, a.dtype), a.size, a.preset, a.out)
+        run(a.device, getattr(torch, a.dtype), a.size, a.preset, a.out, a.sweep_tokens)
 
 
 if __name__ == "__main__":

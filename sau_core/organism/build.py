@@ -326,9 +326,6 @@ def export_organism(folder: Path, unet, text_encoder, vae, backdoor=None, extra:
 
 def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORGANISM_DIR,
               unet_steps: int = 2500, only: tuple[str, ...] = ()) -> None:
-    from . import attacks as A
-    from .attacks_spec import BACKDOORS
-
     work.mkdir(parents=True, exist_ok=True)
     vae = load_vae(train_vae(work, seed))
     te = load_text_encoder(train_text_encoder(work, seed))
@@ -350,6 +347,14 @@ def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORG
     unet.requires_grad_(False).eval()
     if not only or "clean" in only:
         export_organism(out / "clean", unet, te, vae, extra={"seed": seed})
+    implant_all(unet, te, vae, seed, out, only)
+
+
+def implant_all(unet, te, vae, seed: int, out: Path, only: tuple[str, ...] = ()) -> None:
+    """Implant every built-in backdoor (or ``only`` these) into one clean organism's components."""
+    from . import attacks as A
+    from .attacks_spec import BACKDOORS
+
     for i, (name, bd) in enumerate(BACKDOORS.items()):
         if only and name not in only:
             continue
@@ -360,3 +365,15 @@ def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORG
             export_organism(out / name, unet, A.rickrolling(te, bd, seed + 100 * (i + 1)), vae, bd)
         else:
             export_organism(out / name, A.evil_edit(unet, te, bd), te, vae, bd)
+
+
+def implant_on_committed_clean(seed: int = 0, out: Path = ORGANISM_DIR, only: tuple[str, ...] = ()) -> None:
+    """The backdoored organisms again, from the committed clean organism (fp16 weights, upcast), so a change
+    to an attack recipe is rebuilt in minutes instead of retraining the autoencoder, encoder and UNet."""
+    from ..model_io import load_model
+
+    clean = load_model(out / "clean" if (out / "clean" / "model_index.json").is_file() else ORGANISM_DIR / "clean")
+    _setup(seed)
+    for m in (clean.unet, clean.text_encoder, clean.vae):
+        m.requires_grad_(False).eval()
+    implant_all(clean.unet, clean.text_encoder, clean.vae, seed, out, tuple(n for n in only if n != "clean"))

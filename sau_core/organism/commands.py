@@ -79,10 +79,18 @@ def organism_list() -> None:
               help="Where to write the organisms (default: the package's built-in folder).")
 @click.option("--unet-steps", default=2500, show_default=True)
 @click.option("--only", multiple=True, help="Build only these organisms (clean, badt2i-pixel, ...).")
-def organism_build(seed: int, work: Path, out: Path | None, unet_steps: int, only: tuple[str, ...]) -> None:
+@click.option("--from-clean", is_flag=True, help="Implant the backdoors into the committed clean organism "
+              "instead of training everything from scratch (minutes per attack).")
+def organism_build(seed: int, work: Path, out: Path | None, unet_steps: int, only: tuple[str, ...],
+                   from_clean: bool) -> None:
     """Train the organism from scratch (tens of minutes on 2 cores)."""
-    from .build import ORGANISM_DIR, build_all
+    from .build import ORGANISM_DIR, build_all, implant_on_committed_clean
 
+    if from_clean:
+        if "clean" in only:
+            raise SauError("--from-clean keeps the clean organism; leave 'clean' out of --only")
+        implant_on_committed_clean(seed=seed, out=out or ORGANISM_DIR, only=only)
+        return
     build_all(seed=seed, work=work, out=out or ORGANISM_DIR, unet_steps=unet_steps, only=only)
 
 
