@@ -119,6 +119,9 @@ def test_tab_in_chromium(env_name, flavour, organism_file, tmp_path):
     t1 = time.time()
     proc, url = serve(python, root, flavour)
     print(f"{env_name}: stand-in {flavour} host up in {time.time() - t1:.1f} s")
+    started = json.loads((root / "server.log").read_text().splitlines()[0])
+    assert started["tabs"] == ["SAU"]  # on_ui_tabs' [(blocks, "SAU", "sau")]
+    assert started["options"] == {"sau_default_preset": ["sau", "SAU"], "sau_output_dir": ["sau", "SAU"]}
     try:
         with sync_playwright() as pw:
             browser = launch(pw)
@@ -171,6 +174,14 @@ def test_tab_in_chromium(env_name, flavour, organism_file, tmp_path):
             loads = [e for e in events(root) if e["event"] in ("reload_model_weights", "checkpoint_change")]
             assert [e["event"] for e in loads] == ["checkpoint_change" if flavour == "forge" else "reload_model_weights"]
             assert loads[0]["title"].startswith(made + " [")
+
+            # the refresh button rescans the host's folders
+            (root / "models" / "Stable-diffusion" / "dropped-in.safetensors").write_bytes(organism_file.read_bytes())
+            page.locator("#sau_refresh").click()
+            box = page.locator("#sau_checkpoint input").first
+            box.click()
+            box.fill("dropped-in")
+            page.locator("ul.options li", has_text="dropped-in.safetensors").first.wait_for(timeout=30_000)
             browser.close()
     finally:
         proc.terminate()

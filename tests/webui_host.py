@@ -295,7 +295,10 @@ def main() -> None:
         demo.queue(default_concurrency_limit=4)
     else:
         demo.queue(concurrency_count=4)
-    print(json.dumps({"gradio": gr.__version__, "tabs": [t[1] for t in tabs]}), flush=True)
+    from modules import shared
+
+    options = {k: list(v.section) for k, v in shared.opts.data_labels.items() if v.section}
+    print(json.dumps({"gradio": gr.__version__, "tabs": [t[1] for t in tabs], "options": options}), flush=True)
     demo.launch(server_name="127.0.0.1", server_port=args.port, prevent_thread_lock=False, show_api=False,
                 inbrowser=False)
 

@@ -64,8 +64,8 @@ def build(host):
                 f"Stable Diffusion checkpoints. Host: {html.escape(host.name)}.</div>")
         with gr.Row():
             ckpt = gr.Dropdown(choices=titles, value=titles[0] if titles else None, label="Checkpoint",
-                               elem_id="sau_checkpoint", interactive=True)
-            refresh = gr.Button("\U0001f504 Refresh", elem_id="sau_refresh", elem_classes=["sau-tool"])
+                               elem_id="sau_checkpoint", interactive=True, scale=4)
+            refresh = gr.Button("\u21bb Refresh list", elem_id="sau_refresh", elem_classes=["sau-tool"], scale=1)
         with gr.Row():
             trigger = gr.Textbox(label="Trigger (empty: scan first, then clean the top candidate if suspicious; "
                                  "escapes such as \\u200b work)", elem_id="sau_trigger", lines=1)
