@@ -60,6 +60,11 @@ def preview_prompts(handle, trigger, n: int = GRID_PROMPTS) -> list[str]:
 
         pool = list(GENERIC_PROMPTS)
     usable = [p for p in pool if trigger.insert(p) != p]
+    if not usable:
+        from .errors import SauError
+
+        raise SauError(f"the trigger {trigger.describe()} (placement {trigger.placement!r}) cannot be placed in any "
+                       "preview prompt")
     step = max(1, len(usable) // n)
     return usable[::step][:n]
 

@@ -97,7 +97,10 @@ def test_progress_and_interrupt_through_shared_state(host_root):
     from sau_webui.jobs import Reporter
 
     rep = Reporter(host)
+    from modules import call_queue
+
     with host.job("SAU test", job_count=3) as st:
+        assert call_queue.queue_lock.locked()  # the host's GPU-job lock is held while the job runs
         rep("localise", 2, 5)
         assert (st.sampling_step, st.sampling_steps, st.textinfo, st.job) == (2, 5, "SAU: localise 2/5", "SAU test")
         host.interrupt()  # what the host's Interrupt button does: shared.state.interrupt()
@@ -159,3 +162,22 @@ def test_install_uses_the_hosts_launch_helpers_and_leaves_pins_alone(monkeypatch
     commands = [c for c, _ in calls]
     assert commands == ['install "transformers>=4.45,<5"', 'install "peft>=0.13"']
     assert not any(word in c for c in commands for word in ("torch", "gradio", "numpy", "huggingface", "--upgrade"))
+
+
+def test_bad_trigger_is_refused_and_nothing_is_written(host_root):
+    """A whitespace-only trigger (the tokenizer drops it): refused before any work."""
+    _, root = host_root
+    from sau_core.model_io import load_model, save_single_file
+    from sau_core.organism.commands import organism_path
+    from modules import sd_models
+
+    ckpts = root / "models" / "Stable-diffusion"
+    save_single_file(load_model(organism_path("badt2i-pixel"), dtype=None), ckpts / "org.safetensors")
+    sd_models.list_models()
+    host = load_script(root).HOST
+    from sau_webui.jobs import sanitize_job
+
+    before = sorted(p.name for p in ckpts.iterdir())
+    with pytest.raises(SauError, match="only whitespace"):
+        sanitize_job(host, host.title_of(ckpts / "org.safetensors"), "   ", "fast")
+    assert sorted(p.name for p in ckpts.iterdir()) == before

@@ -10,7 +10,7 @@ the Forge flavour) that follow the real modules' contracts, as read from their s
   ``"name [shorthash]"``, ``ids``), ``checkpoints_list`` / ``checkpoint_aliases``, ``list_models()`` (every
   ``.ckpt`` / ``.safetensors`` under the folders), ``get_closet_checkpoint_match``,
   ``reload_model_weights(sd_model=None, info=None)`` (records the load instead of building a model);
-* ``modules.script_callbacks``: ``on_ui_tabs(fn)``, ``on_ui_settings(fn)`` and the lists they fill;
+* ``modules.call_queue.queue_lock``; ``modules.script_callbacks``: ``on_ui_tabs(fn)``, ``on_ui_settings(fn)`` and the lists they fill;
 * Forge: ``modules_forge.main_entry.checkpoint_change(ckpt_name)`` (sets ``sd_model_checkpoint``; records).
 
 ``python tests/webui_host.py --flavour a1111|forge --root DIR --port N`` loads every extension under
@@ -191,6 +191,12 @@ def get_closet_checkpoint_match(search_string):
 
 def reload_model_weights(sd_model=None, info=None):
     shared.log_event({"event": "reload_model_weights", "title": info.title if info else None})
+''',
+    "modules/call_queue.py": '''
+"""Stand-in for A1111's modules.call_queue (SAU tests): the lock around GPU jobs."""
+import threading
+
+queue_lock = threading.Lock()
 ''',
     "modules/script_callbacks.py": '''
 """Stand-in for A1111's modules.script_callbacks (SAU tests): the two registrations the tab uses."""

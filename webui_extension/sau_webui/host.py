@@ -10,6 +10,7 @@ Contracts followed (read from the hosts' sources, not copied):
 * Loading a checkpoint: A1111 ``sd_models.reload_model_weights(sd_model=None, info=None)``; Forge
   ``modules_forge.main_entry.checkpoint_change(ckpt_name)`` (sets ``sd_model_checkpoint``; Forge loads the
   model on the next generation).
+* ``modules.call_queue.queue_lock``: held around GPU work (``wrap_gradio_gpu_call``).
 * ``modules.shared.state`` (``modules/shared_state.py``): ``begin(job=...)``, ``end()``, ``interrupt()``,
   fields ``interrupted``, ``job_count``, ``job_no``, ``sampling_step``, ``sampling_steps``, ``textinfo``.
 * Settings: ``script_callbacks.on_ui_settings(fn)``; inside it ``shared.opts.add_option(key,
@@ -23,7 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 SECTION = ("sau", "SAU")
@@ -92,15 +93,25 @@ class Host:
     def state(self):
         return self.shared.state
 
+    def queue_lock(self):
+        """``modules.call_queue.queue_lock``, the lock A1111 holds around every GPU job (``wrap_gradio_gpu_call``),
+        so a clean never runs beside a generation; a no-op where the host has none."""
+        try:
+            lock = getattr(importlib.import_module("modules.call_queue"), "queue_lock", None)
+        except ImportError:
+            lock = None
+        return lock if lock is not None else nullcontext()
+
     @contextmanager
     def job(self, name: str, job_count: int = 1):
-        st = self.state
-        st.begin(job=name)
-        st.job_count = job_count
-        try:
-            yield st
-        finally:
-            st.end()
+        with self.queue_lock():
+            st = self.state
+            st.begin(job=name)
+            st.job_count = job_count
+            try:
+                yield st
+            finally:
+                st.end()
 
     def interrupted(self) -> bool:
         return bool(self.state.interrupted)

@@ -157,6 +157,7 @@ def sanitize_job(host, title: str, trigger_text: str | None, preset: str, name: 
         else:
             path, handle = _load(host, title, rep)
             trigger, _ = resolve_trigger(path, text, None)
+        trigger.token_ids(handle.tokenizer)  # a trigger the tokenizer drops is refused before any work
         out = output_path(path, name, out_dir)
         lora = (host.lora_dir() / f"{out.name[: -len('.safetensors')]}-lora.safetensors") if save_lora else None
         if lora is not None and (lora.exists() or lora.is_symlink()):
