@@ -180,6 +180,7 @@ def test_tab_in_chromium(env_name, flavour, organism_file, tmp_path):
             # the refresh button rescans the host's folders
             (root / "models" / "Stable-diffusion" / "dropped-in.safetensors").write_bytes(organism_file.read_bytes())
             page.locator("#sau_refresh").click()
+            status(page, "ok", f"refreshed: {len(before) + 2} checkpoints")
             box = page.locator("#sau_checkpoint input").first
             box.click()
             box.fill("dropped-in")

@@ -91,9 +91,10 @@ def build(host):
 
         def do_refresh(current):
             names = host.refresh_checkpoints()
-            return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+            return (gr.update(choices=names, value=current if current in names else (names[0] if names else None)),
+                    _status(f"Checkpoint list refreshed: {len(names)} checkpoints.", "ok"))
 
-        refresh.click(fn=do_refresh, inputs=[ckpt], outputs=[ckpt], queue=False)
+        refresh.click(fn=do_refresh, inputs=[ckpt], outputs=[ckpt, status], queue=False)
 
         def do_scan(title):
             if not title:
