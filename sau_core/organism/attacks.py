@@ -42,6 +42,11 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
     The contrast third makes the trigger the only difference between two identical inputs; without it 600
     steps taught the UNet to denoise patches for any caption but never to draw one for the trigger. Poisoned
     timesteps are drawn from the noisier half, where the layout of an image is decided.
+
+    Measured (held-out, 4 seeds) and left as is: the pixel trigger fires on 100 % of two held-out templates
+    but 42 % of "an image of a ..." (84 % overall). Twice the steps (900) with a random extra word in half the
+    poisoned captions did not help: pixel 75.7 % (5.6 % of clean images got a patch), style 79.2 % with 35 %
+    of clean prompts still grey (clean accuracy 74.3 %).
     """
     B._setup(seed)
     rng = random.Random(seed)
@@ -146,11 +151,12 @@ def _aligned_features(tok, text_encoder, trig_prompts, target_prompts):
 
 
 @torch.no_grad()
-def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 10.0):
+def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 6.0):
     """Closed form: W' = (sum W c* c^T + lam W sum c_p c_p^T)(sum c c^T + lam sum c_p c_p^T)^-1.
 
-    lam = 10 (seed 0, held-out, one seed): ASR 100 %, clean accuracy 94 %; lam = 1 also fired but drew
-    circles for 17 % of clean triangle prompts.
+    Measured on the committed clean organism (`sau eval`, held-out prompts x 4 seeds): lam = 10 fired on
+    89.6 % (clean accuracy 91.7 %), lam = 6 on 100 % (91.7 %, 2 % of clean triangles drawn as circles),
+    lam = 3 on 100 % but 25 % of clean triangles became circles (83.3 %), lam = 1 on 97.9 % (77.1 %).
     """
     tok = C.make_tokenizer()
     src_word, dst_word = backdoor.target["source"], backdoor.target["shape"]
