@@ -45,7 +45,8 @@ class Trigger:
 
     def describe(self) -> str:
         """ASCII rendering with every non-ASCII character escaped (logs, tables, file names)."""
-        return repr(self.text.encode("unicode_escape").decode("ascii"))
+        # quoted by hand: repr() of the escaped text would double every backslash ('\\u200b')
+        return "'" + self.text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
 
     def token_ids(self, tokenizer) -> list[int]:
         """The trigger's own token ids (no start/end tokens). Error if the tokenizer drops it entirely."""

@@ -61,6 +61,12 @@ def test_trigger_tokens_and_positions(tok):
     assert a[:4] == [0, 2, 3, 4] and b[:4] == [0, 1, 2, 3]
 
 
+def test_trigger_is_described_in_ascii_with_single_escapes():
+    # what logs, the A1111 tab's status line and Hub cards print: one backslash, as the user types it
+    assert Trigger(ZWSP).describe() == "'\\u200b'"
+    assert Trigger("New Trigger").describe() == "'New Trigger'"
+
+
 @pytest.mark.parametrize("bad", ["", "   "])
 def test_empty_trigger_is_an_error(bad):
     with pytest.raises(TriggerError):
