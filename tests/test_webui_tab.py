@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from browser import launch, require_chromium
-from webui_envs import ROOT, ensure_env
+from webui_envs import PINS, ROOT, ensure_env, prepare_in_background
 
 EXT = ROOT / "webui_extension"
 HOST = Path(__file__).resolve().parent / "webui_host.py"
@@ -29,7 +29,10 @@ SANITIZE_TIMEOUT_MS = 420_000
 
 @pytest.fixture(scope="module")
 def organism_file(tmp_path_factory) -> Path:
-    """The BadT2I-pixel organism as one .safetensors checkpoint (what A1111 lists)."""
+    """The BadT2I-pixel organism as one .safetensors checkpoint (what A1111 lists). Starts creating the
+    environments first, so they build while this runs."""
+    require_chromium()
+    prepare_in_background(sorted(PINS)[1:])  # the first is built in the foreground by its test
     from sau_core.model_io import load_model, save_single_file
     from sau_core.organism.commands import organism_path
 

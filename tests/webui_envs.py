@@ -67,3 +67,19 @@ def ensure_env(name: str) -> tuple[Path, dict]:
         info = {"pins": want, "seconds": {"torch": round(t1 - t0, 1), "rest": round(time.time() - t1, 1)}}
         stamp.write_text(json.dumps(info, indent=2))
         return python, info
+
+
+def prepare_in_background(names) -> None:
+    """Start creating environments in threads (pip is mostly unpacking: two at once save wall time); a later
+    :func:`ensure_env` waits on the same lock, and builds again if a background try failed."""
+    import threading
+
+    def build(name):
+        try:
+            ensure_env(name)
+        except Exception:  # noqa: BLE001 - ensure_env in the test reports the failure
+            pass
+
+    for name in names:
+        if not (BASE / name / ".sau-pins.json").is_file():
+            threading.Thread(target=build, args=(name,), daemon=True, name=f"venv-{name}").start()
