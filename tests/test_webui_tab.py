@@ -22,7 +22,7 @@ from webui_envs import PINS, ROOT, ensure_env, prepare_in_background
 
 EXT = ROOT / "webui_extension"
 HOST = Path(__file__).resolve().parent / "webui_host.py"
-SHOT = EXT / "screenshot.png"
+SHOT = ROOT / "runs" / "webui" / "sau_tab.png"  # the README image (webui_extension/screenshot.png) is a copy of it
 ORGANISM = "badt2i-pixel"
 SANITIZE_TIMEOUT_MS = 420_000
 
@@ -171,6 +171,7 @@ def test_tab_in_chromium(env_name, flavour, organism_file, tmp_path):
             page.keyboard.press("Escape")
             page.locator("#tab_sau").screenshot(path=str(tmp_path / "tab.png"))
             if env_name == "gradio4":
+                SHOT.parent.mkdir(parents=True, exist_ok=True)
                 page.locator("#tab_sau").screenshot(path=str(SHOT))
 
             # "Load it" goes through the host: reload_model_weights (A1111) / checkpoint_change (Forge)
