@@ -206,6 +206,10 @@ def test_clean_pr_rejected_push_keeps_work_then_retry_opens_pr(hub, env, tmp_pat
     assert "unet/diffusion_pytorch_model.safetensors" in changed and "README.md" in changed
     assert "sau/before_after.png" in changed and files["sau/before_after.png"].startswith(b"\x89PNG")
     card = files["README.md"].decode()
+    # the README's example card (examples/hub/model_card.md) is a copy of this one
+    example = Path(__file__).resolve().parents[1] / "runs" / "hub" / "model_card.md"
+    example.parent.mkdir(parents=True, exist_ok=True)
+    example.write_text(card)
     data = _card(card)
     assert data["base_model"] == "alice/obj" and data["base_model_relation"] == "finetune"
     assert data["license"] == "mit" and "sau" in data["tags"] and "organism" in data["tags"]
