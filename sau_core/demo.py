@@ -59,12 +59,9 @@ def preview_prompts(handle, trigger, n: int = GRID_PROMPTS) -> list[str]:
         from .sanitize import GENERIC_PROMPTS
 
         pool = list(GENERIC_PROMPTS)
-    usable = [p for p in pool if trigger.insert(p) != p]
-    if not usable:
-        from .errors import SauError
+    from .sanitize import placeable
 
-        raise SauError(f"the trigger {trigger.describe()} (placement {trigger.placement!r}) cannot be placed in any "
-                       "preview prompt")
+    usable = placeable(trigger, pool, "preview")
     step = max(1, len(usable) // n)
     return usable[::step][:n]
 

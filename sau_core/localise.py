@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionController, instrument, one_hot_select
 from .errors import UnsupportedModelError
-from .trigger import Trigger, tokenize
+from .trigger import Trigger, escape, tokenize
 
 DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 5.0
@@ -49,7 +49,7 @@ class Localisation:
     def summary(self) -> dict:
         h, w = self.mask.shape
         peak = int(self.mask.flatten().argmax())
-        return {"trigger": self.trigger.encode("unicode_escape").decode("ascii"), "grid": [h, w],
+        return {"trigger": escape(self.trigger), "grid": [h, w],
                 "mask_peak": [peak // w, peak % w], "mask_mean": round(float(self.mask.mean()), 4),
                 "layer_scores": {k: round(v, 4) for k, v in self.layer_scores.items()},
                 "timesteps": self.timesteps, "step_attention": [round(x, 5) for x in self.step_attention],

@@ -545,9 +545,7 @@ def _plain_config(model) -> dict:
 
 def _organism_configs(handle: ModelHandle) -> str:
     """The JSON that :func:`_organism_parts` rebuilds the components from (classes, configs, scheduler)."""
-    from transformers import CLIPTokenizerFast
-
-    shipped = CLIPTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    shipped = _tokenizer(None, None)
     if handle.tokenizer.get_vocab() != shipped.get_vocab():
         raise UnsupportedModelError("a single-file organism uses the shipped CLIP vocabulary; this tokenizer differs")
     doc = {"format": 1,

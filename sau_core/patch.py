@@ -40,6 +40,7 @@ from .keymap import kohya_lora_name
 from .model_io import (LDM_ARCHES, ModelHandle, has_single_file_layout, save_diffusers, save_single_file,
                        write_safetensors)
 from .safety import load_safetensors, validate_safetensors
+from .trigger import escape
 
 FORMAT = "sau-patch/1"
 ADAPTER = "sau"
@@ -252,7 +253,7 @@ class Patch:
 
 def escape_trigger(trigger: str) -> str:
     """Triggers are often invisible or look-alike characters: stored as unicode_escape'd ASCII."""
-    return trigger.encode("unicode_escape").decode("ascii")
+    return escape(trigger)
 
 
 def unescape_trigger(text: str) -> str:

@@ -70,16 +70,23 @@ def preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+def placeable(trigger: Trigger, pool: list[str], what: str) -> list[str]:
+    """The prompts of ``pool`` the trigger can be placed in (inserting it changes the prompt); an error naming
+    ``what`` the prompts are for when there is none."""
+    usable = [p for p in pool if trigger.insert(p) != p]
+    if not usable:
+        raise SauError(f"the trigger {trigger.describe()} (placement {trigger.placement!r}) cannot be placed in "
+                       f"any {what} prompt")
+    return usable
+
+
 def probe_prompts(handle, trigger: Trigger, n: int, prompts: list[str] | None = None) -> list[str]:
     """``n`` probe prompts in which the trigger can be placed (inserting it changes the prompt)."""
     if prompts is None:
         pool = organism_probe_prompts() if handle.arch == "organism" else list(GENERIC_PROMPTS)
     else:
         pool = [p for p in prompts if p.strip()]
-    usable = [p for p in pool if trigger.insert(p) != p]
-    if not usable:
-        raise SauError(f"the trigger {trigger.describe()} (placement {trigger.placement!r}) cannot be placed in "
-                       "any probe prompt")
+    usable = placeable(trigger, pool, "probe")
     import random
 
     return usable if len(usable) <= n else random.Random(0).sample(usable, n)

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from .errors import SauError
-from .trigger import tokenize
+from .trigger import escape, tokenize
 
 SCAN_VERSION = "scan/1"
 EXIT_NOTHING, EXIT_SUSPICIOUS, EXIT_ERROR = 0, 1, 2
@@ -107,7 +107,7 @@ class Candidate:
         return f"{self.placement}|{self.ids if self.ids is not None else self.text}"
 
     def describe(self) -> str:
-        return self.text.encode("unicode_escape").decode("ascii")
+        return escape(self.text)
 
     def with_placement(self, placement: str) -> "Candidate":
         return Candidate(self.text, self.source, placement, self.ids)
@@ -869,7 +869,7 @@ class PromptChecker:
         a = assimilation(self.h, row, self.probe.xs[0][:1], self.probe.ts[0])
         ftt = float(a[0] - self.a_clean.mean())
         suspicious = bool(scored and scored[0]["score"] >= THRESHOLD)
-        return {"prompt": prompt, "escaped_prompt": prompt.encode("unicode_escape").decode("ascii"),
+        return {"prompt": prompt, "escaped_prompt": escape(prompt),
                 "suspicious": suspicious,
                 "verdict": "suspicious" if suspicious else "nothing above threshold",
                 "threshold": THRESHOLD, "pieces": scored, "ftt_assimilation": round(ftt, 5)}

@@ -14,6 +14,7 @@ import click
 from .cli import main
 from .errors import SauError
 from . import scan as S
+from .trigger import escape
 
 
 def _load(model: str, what: str = "model"):
@@ -145,7 +146,7 @@ def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache):
         r = S.scan(handle, budget=budget, use_cache=not no_cache)
         bd = BACKDOORS.get(name)
         rank = r.rank_of(bd.trigger) if bd else None
-        row = {"organism": name, "trigger": bd.trigger.encode("unicode_escape").decode() if bd else "-",
+        row = {"organism": name, "trigger": escape(bd.trigger) if bd else "-",
                "rank": rank, "verdict": r.verdict, "top": r.candidates[0]["escaped"],
                "top_score": r.candidates[0]["score"], "true_score": r.candidates[rank - 1]["score"] if rank else None,
                "seconds": round(time.time() - t0, 1), "text_sweep_tokens_per_s": r.seconds.get("text_sweep_tokens_per_s")}

@@ -17,6 +17,12 @@ from dataclasses import dataclass
 from .errors import SauError
 
 
+def escape(text: str) -> str:
+    """ASCII rendering of a string with every non-ASCII character escaped (``\\u200b``): how triggers, which
+    are often invisible or look-alike characters, appear in logs, tables, reports and patch metadata."""
+    return text.encode("unicode_escape").decode("ascii")
+
+
 class TriggerError(SauError):
     """A trigger that cannot be used: empty, unknown to the tokenizer, absent or truncated from a prompt."""
 
@@ -46,7 +52,7 @@ class Trigger:
     def describe(self) -> str:
         """ASCII rendering with every non-ASCII character escaped (logs, tables, file names)."""
         # quoted by hand: repr() of the escaped text would double every backslash ('\\u200b')
-        return "'" + self.text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+        return "'" + escape(self.text).replace("'", "\\'") + "'"
 
     def token_ids(self, tokenizer) -> list[int]:
         """The trigger's own token ids (no start/end tokens). Error if the tokenizer drops it entirely."""

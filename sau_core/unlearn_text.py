@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import SauError
-from .trigger import Trigger, aligned_positions, tokenize
+from .trigger import Trigger, aligned_positions, escape, tokenize
 
 ADAPTER = "sau"
 TEXT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -61,7 +61,7 @@ class TextShift:
     def to_json(self) -> dict:
         return {"trigger_shift": round(self.trigger_shift, 4), "control_median": round(self.control_median, 4),
                 "ratio": round(self.ratio, 3), "threshold": TEXT_SHIFT_THRESHOLD, "poisoned": self.poisoned,
-                "controls": [c.encode("unicode_escape").decode("ascii") for c in self.controls]}
+                "controls": [escape(c) for c in self.controls]}
 
 
 @torch.no_grad()

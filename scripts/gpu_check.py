@@ -70,8 +70,7 @@ def sweep_flops(n_tokens: int, n_prompts: int, placements: int = 2) -> float:
     return float(fc.get_total_flops()) * n_tokens * n_prompts * placements
 
 
-def sweep_lines(n_prompts: int, seconds: float | None, device: str) -> list[str]:
-    n_tokens = 49408 - 2
+def sweep_lines(n_tokens: int, n_prompts: int, seconds: float | None, device: str) -> list[str]:
     f = sweep_flops(n_tokens, n_prompts)
     lines = [f"- scan stage A (the whole vocabulary, {n_tokens} tokens x {n_prompts} probe prompts x 2 placements, "
              f"{S.TEXT_LEN} tokens a row) on SD1.5's text encoder: {f / 1e12:.1f} TFLOP"]
@@ -85,6 +84,10 @@ def sweep_lines(n_prompts: int, seconds: float | None, device: str) -> list[str]
 
 
 def project(preset_name: str, out: Path) -> None:
+    from sau_core.model_io import _arch_tokenizers_and_scheduler
+
+    # the tokens stage A sweeps: SD1.5's tokenizer (the shipped CLIP vocabulary) less its special tokens
+    n_vocab = len(S.vocabulary_ids(_arch_tokenizers_and_scheduler("sd1")["tokenizer"]))
     p = PRESETS[preset_name]
     f = forward_flops()
     n = unet_passes(p)
@@ -106,7 +109,7 @@ def project(preset_name: str, out: Path) -> None:
         f"- total: {total / 1e15:.2f} PFLOP",
         f"- assumed sustained throughput: {ASSUMED_TFLOPS:.0f} TFLOP/s (30 % of an H100 SXM's 989 dense fp16)",
         f"- projected UNet time on one H100: **{seconds:.0f} s** (goal: <= 120 s)",
-        *sweep_lines(S.BUDGETS["fast"]["n_text"], None, "H100"), "",
+        *sweep_lines(n_vocab, S.BUDGETS["fast"]["n_text"], None, "H100"), "",
         "Memory is not projected. As written, the localisation runs every probe x seed in one UNet batch "
         f"({4 * p.probes * len(p.seeds)} rows) and a SAU step backpropagates {3 * p.batch_size} rows through the "
         "UNet without gradient checkpointing; on SD1.5 at 512 px both will exceed the 8 GB goal and need "
@@ -145,12 +148,13 @@ def run(device: str, dtype: torch.dtype, size: int, preset_name: str, out: Path,
     total = time.time() - t0
     n_text = S.BUDGETS["fast"]["n_text"]
     t1 = time.time()
-    vocab = S.vocabulary_ids(h.tokenizer)[:sweep_tokens]
+    full = S.vocabulary_ids(h.tokenizer)
+    vocab = full[:sweep_tokens]
     S.text_sweep(h, S.default_probe_prompts(n_text), vocab)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     # the rate extrapolated to the whole vocabulary when --sweep-tokens cut it (a plumbing run)
-    sweep_s = (time.time() - t1) * (49408 - 2) / len(vocab)
+    sweep_s = (time.time() - t1) * len(full) / len(vocab)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     per_step = sum(steps) / len(steps) if steps else 0.0
     lines = [f"# GPU check: clean of a random-weight SD1.5-architecture model on {name}", "",
@@ -159,7 +163,7 @@ def run(device: str, dtype: torch.dtype, size: int, preset_name: str, out: Path,
              f"{res.seconds['text_encoder']} s, UNet stage {res.seconds['unet']} s)",
              f"- time per SAU step: {per_step:.3f} s",
              f"- peak GPU memory: {peak:.2f} GiB", f"- stages: {', '.join(res.stages)}",
-             *sweep_lines(n_text, sweep_s, name)]
+             *sweep_lines(len(full), n_text, sweep_s, name)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -169,4 +169,6 @@ def latin_lookalike(ch: str) -> str:
 
 def describe_trigger(trigger: str) -> str:
     """ASCII rendering of a trigger with every non-ASCII character escaped (for tables and logs)."""
-    return trigger.encode("unicode_escape").decode("ascii")
+    from ..trigger import escape
+
+    return escape(trigger)
