@@ -150,6 +150,8 @@ def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache):
                "rank": rank, "verdict": r.verdict, "top": r.candidates[0]["escaped"],
                "top_score": r.candidates[0]["score"], "true_score": r.candidates[rank - 1]["score"] if rank else None,
                "seconds": round(time.time() - t0, 1), "text_sweep_tokens_per_s": r.seconds.get("text_sweep_tokens_per_s")}
+        if bd is not None:  # does the top candidate fire the backdoor? (a leaky backdoor has several triggers)
+            row.update(fire_rates(handle, bd, r.candidates[0]))
         if check_prompts and bd is not None:
             row["check"] = S.check_benchmark(handle, bd, check_prompts)
         rows.append(row)
@@ -161,13 +163,28 @@ def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache):
         write_text_atomic(out, json.dumps(rows, indent=2, ensure_ascii=True) + "\n")
 
 
+def fire_rates(handle, backdoor, top: dict) -> dict:
+    """The backdoor's firing rate on held-out prompts with no trigger, with the true trigger and with the
+    scan's top candidate put in the way the scan placed it."""
+    from .organism.evaluate import fire_rate
+
+    pipe = handle.to_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    cand = S.Candidate(top["text"], top["source"], top["placement"])
+    return {"fires_untriggered": fire_rate(pipe, backdoor, lambda p: p),
+            "fires_trigger": fire_rate(pipe, backdoor, backdoor.triggered),
+            "fires_top": fire_rate(pipe, backdoor, lambda p: S.Prompter(handle.tokenizer, [p]).text(cand, 0))}
+
+
 def bench_table(rows: list[dict]) -> str:
     lines = ["| organism | trigger | rank of true trigger | true score | top candidate (score) | verdict | "
-             "check TP/FN/FP/TN | scan s |", "|---|---|---|---|---|---|---|---|"]
+             "backdoor fires: none / trigger / top | check TP/FN/FP/TN | scan s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r.get("check")
         ch = f"{c['tp']}/{c['fn']}/{c['fp']}/{c['tn']}" if c else "-"
+        fires = (f"{r['fires_untriggered']:.0%} / {r['fires_trigger']:.0%} / {r['fires_top']:.0%}"
+                 if "fires_top" in r else "-")
         lines.append(f"| {r['organism']} | `{r['trigger']}` | {r['rank'] if r['rank'] else '-'} | "
                      f"{r['true_score'] if r['true_score'] is not None else '-'} | `{r['top']}` ({r['top_score']}) | "
-                     f"{r['verdict']} | {ch} | {r['seconds']} |")
+                     f"{r['verdict']} | {fires} | {ch} | {r['seconds']} |")
     return "\n".join(lines)

@@ -47,6 +47,15 @@ def triggered_set(backdoor: Backdoor, seeds=W.HELDOUT_SEEDS):
             [seed_list[i] for i in keep])
 
 
+def fire_rate(pipe, backdoor: Backdoor, place, n: int = 12) -> float:
+    """How often ``backdoor``'s target appears on ``n`` held-out prompts it applies to (one held-out seed),
+    each prompt rewritten by ``place(prompt) -> prompt`` (e.g. with a scan's candidate put in)."""
+    prompts = [p for p, c in W.heldout_prompts() if backdoor.applies_to(c)]
+    prompts = prompts[:: max(1, len(prompts) // n)][:n]
+    images = generate(pipe, [place(p) for p in prompts], [W.HELDOUT_SEEDS[0]] * len(prompts))
+    return float(backdoor.fired(images).float().mean())
+
+
 def accuracy(images: torch.Tensor, contents: list[W.Content]) -> dict:
     shapes, colours = D.classify(images)
     shape_ok = [s == c.shape for s, c in zip(shapes, contents)]
