@@ -43,6 +43,15 @@ class Preset:
     w_attention: float = 1.0
     w_preserve: float = 100.0
     te_w_preserve: float = 10.0
+    # Closed-form edit: weight of the preservation rows (lam) and the ridge (mu), see unlearn.uce_edit. The keep
+    # rows (every clean prompt's 77 states, padding included) outnumber the triggered rows about 4:1. Measured
+    # with the closed form alone on the EvilEdit organism (48 triggered held-out prompts, 144 clean):
+    # lam 1 / mu 1e-2: ASR 29.2 %, clean accuracy 91.7 %; 0.3 / 1e-2: 14.6 %, 91.7 %; 0.1 / 1e-2: 10.4 %, 92.4 %;
+    # 0.1 / 1e-3: 8.3 %, 92.4 %. But with 0.1 / 1e-3 on BadT2I pixel (`sau bench`) the standard preset fell
+    # from 100 % to 90.9 % removal (sau-fast rose 90.1 -> 93.4 %), so the defaults stay until a full bench says
+    # otherwise.
+    edit_keep: float = 1.0
+    edit_ridge: float = 1e-2
 
 
 PRESETS = {
@@ -172,7 +181,8 @@ def sanitize(handle, trigger: Trigger, preset_name: str = "standard", *, seed: i
     res = train_sau(handle, trigger, loc, steps=p.unet_steps, seed=seed, layers=None if p.unet_steps else [],
                     batch_size=p.batch_size, lr=p.lr, w_distill=p.w_distill, w_attention=p.w_attention,
                     w_preserve=p.w_preserve, uce_init=True, uce_prompts=edit_prompts,
-                    uce_preserve=preserve_prompts(handle, p.edit_prompts, prompts),
+                    uce_preserve=preserve_prompts(handle, p.edit_prompts, prompts), uce_keep=p.edit_keep,
+                    uce_ridge=p.edit_ridge,
                     progress=lambda d, n, _t: report("unet", d, n))
     stages.append("unet")
     history["unet"] = res.history

@@ -316,7 +316,8 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
               layers: list[str] | None = None, layer_threshold: float = 0.0, rank: int = 4, lr: float = 2e-3,
               batch_size: int = 8, w_distill: float = 1.0, w_attention: float = 1.0, w_preserve: float = 1.0,
               mask_floor: float = 0.1, uce_init: bool = False, uce_prompts: list[str] | None = None,
-              uce_preserve: list[str] | None = None, use_mask: bool = True, progress=None) -> SauResult:
+              uce_preserve: list[str] | None = None, uce_keep: float = 1.0, uce_ridge: float = 1e-2,
+              use_mask: bool = True, progress=None) -> SauResult:
     """Train the SAU adapter in place on ``handle.unet`` (adapter name ``sau``; the base stays intact and
     the adapter can be disabled, merged or exported). Deterministic for a seed."""
     if loc.clean_latents is None or not loc.prompts:
@@ -327,13 +328,14 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     settings = {k: v for k, v in dict(steps=steps, seed=seed, layers=layers, rank=rank, lr=lr,
                                       batch_size=batch_size, w_distill=w_distill, w_attention=w_attention,
                                       w_preserve=w_preserve, mask_floor=mask_floor, uce_init=uce_init,
-                                      use_mask=use_mask).items()}
+                                      uce_keep=uce_keep, uce_ridge=uce_ridge, use_mask=use_mask).items()}
     pair_prompts = [p for p in loc.prompts for _ in loc.seeds]
     pairs = prompt_pairs(handle, trigger, pair_prompts)
     enc_uncond = encode(handle, [""])
     kv_layers, kv_rank, deltas = [], None, None
     if uce_init:  # the closed form on every attn2 layer, carried by the adapter (the base stays the teacher)
-        deltas = uce_edit(handle, trigger, uce_prompts or loc.prompts, preserve=uce_preserve, apply=False)
+        deltas = uce_edit(handle, trigger, uce_prompts or loc.prompts, preserve=uce_preserve, lam=uce_keep,
+                          mu=uce_ridge, apply=False)
         kv_layers = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in deltas))
         kv_rank = max(rank, delta_rank(deltas))
     params = add_sau_adapter(unet, layers, rank=rank, seed=seed, kv_layers=kv_layers, kv_rank=kv_rank)

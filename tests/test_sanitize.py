@@ -56,6 +56,8 @@ def test_sanitize_is_deterministic_and_records_settings(tmp_path):
     settings = patch.metadata["settings"]
     assert settings["preset"] == "standard" and settings["seed"] == 3 and settings["unet_steps"] == 2
     assert settings["unet"]["uce_init"] is True and settings["unet"]["uce_rank"] >= 1
+    assert settings["edit_keep"] == settings["unet"]["uce_keep"] == 1.0  # the closed form's weights are recorded
+    assert settings["edit_ridge"] == settings["unet"]["uce_ridge"] == 1e-2
     assert patch.metadata["metrics"]["note"] == "test"
     assert patch.metadata["method"] == "sau"
 
