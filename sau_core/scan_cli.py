@@ -96,6 +96,9 @@ def _print_scan(result: S.ScanResult, top: int) -> None:
     click.echo(f"covered: text encoder on all {cov['text_sweep_tokens']} vocabulary tokens; UNet on "
                f"{cov['unet_probe_vocabulary_tokens']} vocabulary tokens, {cov['zoo_and_user_strings']} zoo/user "
                f"strings, {cov['homoglyph_swaps']} homoglyph swaps, {cov['pairs']} pairs")
+    if result.known:
+        click.echo("known words (the probe prompts' own; they steer the image by design, not ranked): "
+                   + ", ".join(f"{c['escaped']} {c['score']:.1f}" for c in result.known[:6]))
     click.echo(f"not covered: {cov['not_covered']}")
     click.echo(f"verdict: {result.verdict} (threshold z >= {result.threshold})")
 

@@ -202,3 +202,8 @@ def test_scan_finds_the_homoglyph_trigger_and_caches(tmp_path):
     r = _run("scan", "rickrolling-tpa", "--json", str(out), env=env)
     assert r.exit_code in (0, 1) and time.time() - t0 < first / 2
     assert all(json.loads(out.read_text())["cached"].values())
+    # the probe prompts' own words are reported apart, never ranked
+    d = json.loads(out.read_text())
+    known = set(d["coverage"]["known_words"])
+    assert {"blue", "circle"} <= known and not any(S.is_known(c["text"], known) for c in d["candidates"])
+    assert "known words (the probe prompts' own" in r.output
