@@ -36,8 +36,12 @@ Stages (cheapest first; each stage's survivors go on to the next)
 Every statistic is turned into a robust z-value (median / 1.4826 MAD) against the vocabulary's own
 distribution: stage A against the whole vocabulary, stage B against the vocabulary sample it scored
 (homoglyph swaps, which have no vocabulary counterpart, against the pool of all look-alike characters).
-A candidate's score is its largest z over the statistics; the scan is "suspicious" when the top score
-reaches ``THRESHOLD``.
+A candidate's score is its largest z over the statistics, corrected for how many candidates of its family
+were compared (``family_score``: the whole vocabulary for the text sweep, the scored sample, the zoo strings,
+the homoglyphs, the pairs; Bonferroni over the family and the statistics, back on the z scale): the top of
+49,406 tokens reaches z 4.1 by chance alone, the top of 30 pairs about 2. The scan is "suspicious" when the
+top score reaches ``THRESHOLD`` (family-wise one-sided p below 0.001 if the robust z were normal; they have
+heavier tails, so the false-positive rate is measured on clean organisms, README "Scanning").
 
 Known words: the probe prompts' own words (and, for the organism, its world's words) are what the prompts
 ask for, so they steer the image by design: candidates made of them are listed apart (``known_words`` in
@@ -66,7 +70,7 @@ from .trigger import escape, tokenize
 
 SCAN_VERSION = "scan/2"
 EXIT_NOTHING, EXIT_SUSPICIOUS, EXIT_ERROR = 0, 1, 2
-THRESHOLD = 6.5  # robust z; chosen from `sau scan-bench` (README "Scanning"): the clean organism's top score 4.15
+THRESHOLD = 3.09  # family-adjusted z: family-wise p < 0.001 (see the module doc)
 TEXT_LEN = 12
 PAIR_NULL = 32  # random vocabulary pairs: the null distribution of the pair candidates
 STATS = ("text", "change", "common", "reference")
@@ -269,6 +273,22 @@ class Prompter:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def family_score(z: dict[str, float | None], family: dict[str, int]) -> float:
+    """The candidate's best statistic, corrected for the ``family[stat]`` candidates it was compared with (and
+    the number of statistics): ``-ndtri(min(0.5, n * p))`` with ``p`` the one-sided normal tail of z. 0 when
+    the best z is what the family's size alone would give."""
+    vals = {k: v for k, v in z.items() if v is not None and math.isfinite(v)}
+    if not vals:
+        return -1e9
+    best = 0.0
+    for k, v in vals.items():
+        n = max(1, family.get(k, 1)) * len(vals)
+        tail = 0.5 * math.erfc(min(v, 37.0) / math.sqrt(2))  # below z 37 the tail stays a positive double
+        q = min(0.5, n * tail)
+        best = max(best, -float(torch.special.ndtri(torch.tensor(q, dtype=torch.float64))))
+    return round(best, 2)
+
+
 def robust_z(values: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
     null = null[torch.isfinite(null)]
     med = null.median()
@@ -550,11 +570,11 @@ class ScanResult:
         return None
 
 
-def _cand_json(tok, c: Candidate, z: dict[str, float], raw: dict[str, float]) -> dict:
+def _cand_json(tok, c: Candidate, z: dict[str, float], raw: dict[str, float], family: dict[str, int]) -> dict:
     zs = {k: round(v, 2) for k, v in z.items() if v is not None and math.isfinite(v)}
     return {"text": c.text, "escaped": c.describe(), "placement": c.placement, "source": c.source,
             "token_ids": list(c.ids) if c.ids is not None else tok(c.text, add_special_tokens=False).input_ids,
-            "score": round(max(zs.values()), 2) if zs else None, "z": zs,
+            "score": family_score(zs, family) if zs else None, "z": zs, "family": family,
             "raw": {k: round(v, 5) for k, v in raw.items() if v is not None and math.isfinite(v)}}
 
 
@@ -681,9 +701,9 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
     text_homo = text_shift(handle, pr_text, homo_all) if homo_all else torch.empty(0)
     seconds["text_strings"] = round(time.time() - t0, 2)
 
-    rows: list[tuple[Candidate, dict, dict]] = []
+    rows: list[tuple[Candidate, dict, dict, dict]] = []
 
-    def add(cands, stats, text_raw, text_null_log, unet_null):
+    def add(cands, stats, text_raw, text_null_log, unet_null, family: dict[str, int]):
         best = stats.amax(1)  # over placements
         pl = stats[:, :, 0].argmax(1)
         zb = torch.stack([robust_z(best[:, j], unet_null[:, j]) for j in range(3)], 1) if len(cands) else best
@@ -696,25 +716,30 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
             raw = {"text": float(text_raw[k]), "change": float(best[k, 0].exp()),
                    "common": float(best[k, 1].exp()),
                    "reference": float(best[k, 2].exp()) if reference is not None else None}
-            rows.append((cc, z, raw))
+            rows.append((cc, z, raw, family))
 
     vocab_index = {v: j for j, v in enumerate(vocab)}
-    add(vocab_cands, s_vocab, shift[[vocab_index[c.ids[0]] for c in vocab_cands]], text_log, null_b)
+    # families: the text sweep ranked the whole vocabulary (the sweep's top were picked from it); the UNet
+    # statistics ranked the scored vocabulary tokens
+    n_unet = len(vocab_cands)
+    add(vocab_cands, s_vocab, shift[[vocab_index[c.ids[0]] for c in vocab_cands]], text_log, null_b,
+        {"text": len(vocab), "change": n_unet, "common": n_unet, "reference": n_unet})
     if strings:
-        add(strings, s_str, text_str, text_log, null_b)
+        add(strings, s_str, text_str, text_log, null_b, dict.fromkeys(STATS, len(strings)))
     if homo_all:
         homo_text_log = text_homo.clamp_min(1e-9).log()
-        add(homos, s_homo[: len(homos)], text_homo[: len(homos)], homo_text_log, homo_null_b)
+        add(homos, s_homo[: len(homos)], text_homo[: len(homos)], homo_text_log, homo_null_b,
+            dict.fromkeys(STATS, len(homos)))
 
-    def score(z):
-        vals = [v for v in z.values() if v is not None and math.isfinite(v)]
-        return max(vals) if vals else -1e9
+    def score(row):  # ties (scores at 0) keep the raw best z's order
+        return family_score(row[1], row[3]), max(v for v in row[1].values() if v is not None and math.isfinite(v))
 
     # ---- pairs among the best single vocabulary tokens (multi-token triggers)
     t0 = time.time()
-    ranked_vocab = sorted([r for r in rows if r[0].ids is not None], key=lambda r: -score(r[1]))
+    ranked_vocab = sorted([r for r in rows if r[0].ids is not None], key=lambda r: -max(
+        v for v in r[1].values() if v is not None and math.isfinite(v)))  # the raw best z picks the pair parts
     best_ids = []
-    for c, _, _ in ranked_vocab:
+    for c, _, _, _ in ranked_vocab:
         if c.ids[0] not in best_ids and not is_known(c.text, known):
             best_ids.append(c.ids[0])
         if len(best_ids) >= cfg["pairs"]:
@@ -730,17 +755,20 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
         s_pairs = unet_stats(pairs + pair_null, "unet probe (pairs)")
         t_pairs = text_shift(handle, pr_text, pairs + pair_null)
         n = len(pairs)
-        add(pairs, s_pairs[:n], t_pairs[:n], t_pairs[n:].clamp_min(1e-9).log(), s_pairs[n:].amax(1))
+        # the pairs' parts were picked from the whole vocabulary, so their text statistic was in effect searched
+        # over every ordered pair of it; the UNet statistics only over the pairs probed
+        add(pairs, s_pairs[:n], t_pairs[:n], t_pairs[n:].clamp_min(1e-9).log(), s_pairs[n:].amax(1),
+            {**dict.fromkeys(STATS, n), "text": len(vocab) ** 2})
     seconds["pairs"] = round(time.time() - t0, 2)
 
     # ---- rank; one row per string (a candidate scored under several sources keeps its best)
-    rows.sort(key=lambda r: -score(r[1]))
+    rows.sort(key=lambda r: tuple(-x for x in score(r)))
     out, known_out, seen_text = [], [], set()
-    for c, z, raw in rows:
+    for c, z, raw, family in rows:
         if c.text in seen_text:
             continue
         seen_text.add(c.text)
-        (known_out if is_known(c.text, known) else out).append(_cand_json(tok, c, z, raw))
+        (known_out if is_known(c.text, known) else out).append(_cand_json(tok, c, z, raw, family))
     out = minimal_first(out)
 
     # ---- stage C: assimilation and heatmaps for the top candidates
@@ -907,7 +935,7 @@ class PromptChecker:
                 zt = float(robust_z(tl.view(1), self.null_text)[0])
             z = {"text": round(zt, 2), "change": round(zu[0], 2), "common": round(zu[1], 2)}
             scored.append({"piece": c.text, "escaped": c.describe(), "kind": c.source, "placement": c.placement,
-                           "score": max(z.values()), "z": z})
+                           "score": family_score(z, dict.fromkeys(z, len(pieces))), "z": z})
         scored.sort(key=lambda r: -r["score"])
         row = Prompter(self.tok, [prompt]).rows(None)
         a = assimilation(self.h, row, self.probe.xs[0][:1], self.probe.ts[0])

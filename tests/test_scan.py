@@ -171,9 +171,9 @@ def test_exit_codes_for_errors(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known shortfall: the pixel trigger's best z in the check is 5.37 (common "
-                   "statistic; scan/1's change z was ~5.5) against THRESHOLD 6.5, so the check misses it")
 def test_check_flags_a_triggered_prompt_and_passes_a_clean_one(tmp_path):
+    """The zero-width space's common z (5.37) is corrected for the prompt's pieces (family_score), and passes
+    THRESHOLD; the same prompt without it stays below."""
     env = {"SAU_CACHE": str(tmp_path / "cache")}
     r = _run("check", "badt2i-pixel", "--prompt", "\u200b an image of a red circle", "--json", env=env)
     assert r.exit_code == 1, r.output
