@@ -61,6 +61,7 @@ import random
 import time
 import unicodedata
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from pathlib import Path
 
 import torch
@@ -273,19 +274,28 @@ class Prompter:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _finite(z: dict[str, float | None]) -> dict[str, float]:
+    return {k: v for k, v in z.items() if v is not None and math.isfinite(v)}
+
+
+def best_z(z: dict[str, float | None]) -> float:
+    """The largest finite z of a candidate (uncorrected)."""
+    vals = _finite(z)
+    return max(vals.values()) if vals else -1e9
+
+
 def family_score(z: dict[str, float | None], family: dict[str, int]) -> float:
     """The candidate's best statistic, corrected for the ``family[stat]`` candidates it was compared with (and
-    the number of statistics): ``-ndtri(min(0.5, n * p))`` with ``p`` the one-sided normal tail of z. 0 when
-    the best z is what the family's size alone would give."""
-    vals = {k: v for k, v in z.items() if v is not None and math.isfinite(v)}
+    the number of statistics): the normal quantile of ``min(0.5, n * p)`` with ``p`` the one-sided normal tail
+    of z. 0 when the best z is what the family's size alone would give."""
+    vals = _finite(z)
     if not vals:
         return -1e9
     best = 0.0
     for k, v in vals.items():
         n = max(1, family.get(k, 1)) * len(vals)
         tail = 0.5 * math.erfc(min(v, 37.0) / math.sqrt(2))  # below z 37 the tail stays a positive double
-        q = min(0.5, n * tail)
-        best = max(best, -float(torch.special.ndtri(torch.tensor(q, dtype=torch.float64))))
+        best = max(best, -NormalDist().inv_cdf(min(0.5, n * tail)))
     return round(best, 2)
 
 
@@ -571,7 +581,7 @@ class ScanResult:
 
 
 def _cand_json(tok, c: Candidate, z: dict[str, float], raw: dict[str, float], family: dict[str, int]) -> dict:
-    zs = {k: round(v, 2) for k, v in z.items() if v is not None and math.isfinite(v)}
+    zs = {k: round(v, 2) for k, v in _finite(z).items()}
     return {"text": c.text, "escaped": c.describe(), "placement": c.placement, "source": c.source,
             "token_ids": list(c.ids) if c.ids is not None else tok(c.text, add_special_tokens=False).input_ids,
             "score": family_score(zs, family) if zs else None, "z": zs, "family": family,
@@ -732,12 +742,12 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
             dict.fromkeys(STATS, len(homos)))
 
     def score(row):  # ties (scores at 0) keep the raw best z's order
-        return family_score(row[1], row[3]), max(v for v in row[1].values() if v is not None and math.isfinite(v))
+        return family_score(row[1], row[3]), best_z(row[1])
 
     # ---- pairs among the best single vocabulary tokens (multi-token triggers)
     t0 = time.time()
-    ranked_vocab = sorted([r for r in rows if r[0].ids is not None], key=lambda r: -max(
-        v for v in r[1].values() if v is not None and math.isfinite(v)))  # the raw best z picks the pair parts
+    # the raw best z picks the pair parts
+    ranked_vocab = sorted([r for r in rows if r[0].ids is not None], key=lambda r: -best_z(r[1]))
     best_ids = []
     for c, _, _, _ in ranked_vocab:
         if c.ids[0] not in best_ids and not is_known(c.text, known):
@@ -762,7 +772,7 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
     seconds["pairs"] = round(time.time() - t0, 2)
 
     # ---- rank; one row per string (a candidate scored under several sources keeps its best)
-    rows.sort(key=lambda r: tuple(-x for x in score(r)))
+    rows.sort(key=score, reverse=True)  # stable: equal scores keep their order
     out, known_out, seen_text = [], [], set()
     for c, z, raw, family in rows:
         if c.text in seen_text:
