@@ -53,6 +53,7 @@ def hub():
         s = server.state
         s.add_repo("alice/obj", organism_files())
         s.add_repo("alice/obj-other", organism_files(license="other"))
+        s.add_repo("alice/pix", organism_files("badt2i-pixel"))
         s.add_repo("alice/gated", organism_files(), gated="manual")
         s.add_repo("alice/pickles", {"model.ckpt": pickle.dumps({"w": 1}, protocol=2), "README.md": b"# p\n"},
                    security={"model.ckpt": {"status": "unsafe", "avScan": {"virusFound": False, "virusNames": None},
@@ -69,7 +70,6 @@ def env(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stray token file
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("SAU_CACHE", str(tmp_path / "sau-cache"))
     return tmp_path
 
 
@@ -254,18 +254,19 @@ def test_clean_to_new_repo_private_when_licence_restricts(hub, env):
     assert hub.state.files("alice/obj-other") == organism_files(license="other")  # source untouched
 
 
-@pytest.mark.slow  # the engine's trigger search dominates (minutes on 2 busy cores); sau_core's scan has its own tests
+@pytest.mark.slow  # the engine's trigger search dominates (minutes on 2 cores uncached); sau_core's scan has its own tests
 def test_scan_reports_files_security_and_candidates(hub, env):
     from hub_tools.flow import scan_module
 
     if scan_module() is None:
-        r = run("scan", "alice/obj", "--work", str(env / "w"))
+        r = run("scan", "alice/pix", "--work", str(env / "w"))
         one_line_error(r, "--trigger")
         return
-    r = run("scan", "alice/obj", "--trigger", "tq", "--json", "-", "--work", str(env / "w"), "--quiet")
+    # the pixel organism: its weights' scan is in the run's cache when the ComfyUI tests ran first (conftest.py)
+    r = run("scan", "alice/pix", "--json", "-", "--work", str(env / "w"), "--quiet")
     assert r.exit_code in (0, 1), (r.stdout, r.stderr, r.exception)
     rep = json.loads(r.stdout)
-    assert rep["sha"] == hub.state.repos["alice/obj"].refs["main"] and rep["validation"] == "passed"
+    assert rep["sha"] == hub.state.repos["alice/pix"].refs["main"] and rep["validation"] == "passed"
     rows = {f["path"]: f for f in rep["files"]}
     assert rows["pipeline.py"]["ignored"].startswith("code") and not rows["pipeline.py"]["downloaded"]
     assert rows["unet/diffusion_pytorch_model.safetensors"]["hub_security"]["status"] == "safe"

@@ -199,9 +199,12 @@ def test_clean_writes_a_patch_that_loads(tmp_path):
 def test_ctrl_c_leaves_no_output(tmp_path):
     out = tmp_path / "cleaned"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # SIG_DFL in the child: a test run started in the background (`cmd &` in a script) inherits an ignored
+    # SIGINT, and Python keeps it ignored, so the Ctrl-C would never arrive (a user's terminal delivers it)
     proc = subprocess.Popen([sys.executable, "-m", "sau_core", "clean", "badt2i-pixel", "--preset", "thorough",
                              "--format", "diffusers", "--out", str(out), "--progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(8)  # inside the clean (localisation or training), long before the export
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -122,8 +122,9 @@ def test_tab_in_chromium(env_name, flavour, organism_file, tmp_path):
     root = make_root(tmp_path, organism_file)
     before = checkpoints(root)
     t1 = time.time()
-    # one scan cache for both hosts (the same file): the second host's Scan is a cache hit
-    proc, url = serve(python, root, flavour, organism_file.parent / "sau-cache")
+    # the run's one scan cache (tests/conftest.py): the weights were scanned before (the ComfyUI tests, or the
+    # first host), so Scan here is a cache hit unless this file runs alone
+    proc, url = serve(python, root, flavour, Path(os.environ["SAU_CACHE"]))
     print(f"{env_name}: stand-in {flavour} host up in {time.time() - t1:.1f} s")
     started = json.loads((root / "server.log").read_text().splitlines()[0])
     assert started["tabs"] == ["SAU"]  # on_ui_tabs' [(blocks, "SAU", "sau")]
