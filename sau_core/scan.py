@@ -863,13 +863,41 @@ def _heatmaps(handle, probe: UNetProbe, top: list[dict], folder: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- check
+def prompt_pieces(prompt: str, known: set[str]) -> list[Candidate]:
+    """The pieces of a prompt that the prompt check scores (see PromptChecker); ``known``: the probe words."""
+    out, seen = [], set()
+
+    def add(c):
+        if c.key() not in seen:
+            seen.add(c.key())
+            out.append(c)
+
+    for ch in sorted(set(prompt)):
+        if ch in INVISIBLE or unicodedata.category(ch) in ("Cf", "Zs") and ch != " ":
+            add(Candidate(ch, "invisible character"))
+        elif not ch.isascii() and ch.isalpha() and lookalike(ch).isascii():
+            add(Candidate(ch, "non-ASCII letter", "homoglyph"))
+    words = [w for w in prompt.replace(",", " ").split() if w]
+    unknown = [w for w in words if w.lower() not in known]
+    for w in unknown:
+        add(Candidate(w, "word"))
+    # Only pairs without a probe word (multi-word triggers like "New Trigger"): a pair with one
+    # ("circle centered") puts a second subject into every probe prompt, which changes the image by
+    # design (the scan's rule for candidates, is_known). Measured on the organisms' held-out prompts: such
+    # pairs flagged 16 of 24 clean prompts.
+    for a, b in zip(words, words[1:]):
+        if not is_known(f"{a} {b}", known):
+            add(Candidate(f"{a} {b}", "word pair"))
+    return out
+
+
 class PromptChecker:
     """Input-level check: does a prompt carry a trigger? Each piece of the prompt (every word that is not a
-    word of the probe prompts, every adjacent pair of words, every invisible character, every non-ASCII
-    letter with a Latin look-alike as a homoglyph swap) is scored like a scan candidate (text shift, UNet
-    change and common shift on the probe prompts) against a vocabulary sample; the prompt is suspicious when a
-    piece reaches THRESHOLD. The prompt's attention assimilation (T2IShield-style, minus the probe prompts'
-    mean) is reported as evidence."""
+    word of the probe prompts, every pair of adjacent words neither of which is a probe word, every invisible
+    character, every non-ASCII letter with a Latin look-alike as a homoglyph swap) is scored like a scan
+    candidate (text shift, UNet change and common shift on the probe prompts) against a vocabulary sample;
+    the prompt is suspicious when a piece reaches THRESHOLD. The prompt's attention assimilation
+    (T2IShield-style, minus the probe prompts' mean) is reported as evidence."""
 
     def __init__(self, handle, prompts: list[str] | None = None, null_size: int = 96, seed: int = 0,
                  use_cache: bool = True):
@@ -905,26 +933,7 @@ class PromptChecker:
         self.a_clean = assimilation(handle, self.probe.pr.rows(None), x, t_)
 
     def pieces(self, prompt: str) -> list[Candidate]:
-        out, seen = [], set()
-
-        def add(c):
-            if c.key() not in seen:
-                seen.add(c.key())
-                out.append(c)
-
-        for ch in sorted(set(prompt)):
-            if ch in INVISIBLE or unicodedata.category(ch) in ("Cf", "Zs") and ch != " ":
-                add(Candidate(ch, "invisible character"))
-            elif not ch.isascii() and ch.isalpha() and lookalike(ch).isascii():
-                add(Candidate(ch, "non-ASCII letter", "homoglyph"))
-        words = [w for w in prompt.replace(",", " ").split() if w]
-        unknown = [w for w in words if w.lower() not in self.known]
-        for w in unknown:
-            add(Candidate(w, "word"))
-        for a, b in zip(words, words[1:]):
-            if a.lower() not in self.known or b.lower() not in self.known:
-                add(Candidate(f"{a} {b}", "word pair"))
-        return out
+        return prompt_pieces(prompt, self.known)
 
     @torch.no_grad()
     def check(self, prompt: str) -> dict:
@@ -959,21 +968,23 @@ class PromptChecker:
 
 def check_benchmark(handle, backdoor, n: int = 4) -> dict:
     """Prompt-check counts on held-out prompts (never the probe prompts' templates) that the backdoor
-    applies to, with and without its trigger."""
+    applies to, with and without its trigger; for a model without a backdoor (``None``) the clean prompts
+    only (false positives)."""
     from .organism import world as W
 
     checker = PromptChecker(handle)
-    prompts = [p for p, c in W.heldout_prompts() if backdoor.applies_to(c)]
+    prompts = [p for p, c in W.heldout_prompts() if backdoor is None or backdoor.applies_to(c)]
     prompts = random.Random(0).sample(prompts, min(n, len(prompts)))
     tp = fn = fp = tn = 0
     for p in prompts:
-        if checker.check(backdoor.triggered(p))["suspicious"]:
-            tp += 1
-        else:
-            fn += 1
+        if backdoor is not None:
+            if checker.check(backdoor.triggered(p))["suspicious"]:
+                tp += 1
+            else:
+                fn += 1
         if checker.check(p)["suspicious"]:
             fp += 1
         else:
             tn += 1
-    f1 = 2 * tp / max(1, 2 * tp + fp + fn)
-    return {"tp": tp, "fn": fn, "fp": fp, "tn": tn, "f1": round(f1, 3), "prompts": prompts}
+    f1 = 2 * tp / max(1, 2 * tp + fp + fn) if backdoor is not None else None
+    return {"tp": tp, "fn": fn, "fp": fp, "tn": tn, "f1": None if f1 is None else round(f1, 3), "prompts": prompts}

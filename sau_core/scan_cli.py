@@ -155,7 +155,7 @@ def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache):
                "seconds": round(time.time() - t0, 1), "text_sweep_tokens_per_s": r.seconds.get("text_sweep_tokens_per_s")}
         if bd is not None:  # does the top candidate fire the backdoor? (a leaky backdoor has several triggers)
             row.update(fire_rates(handle, bd, r.candidates[0]))
-        if check_prompts and bd is not None:
+        if check_prompts:
             row["check"] = S.check_benchmark(handle, bd, check_prompts)
         rows.append(row)
         click.echo(json.dumps(row, ensure_ascii=True), err=True)

@@ -61,6 +61,17 @@ def unlearned(organism):
     return out, calls, before
 
 
+@pytest.fixture(scope="module")
+def measured(organism, unlearned):
+    """(backdoored, unlearned) behaviour sampled by ComfyUI, measured once for the tests that compare them."""
+    from sau_core.organism.attacks_spec import BACKDOORS
+
+    model, clip, vae, _ = organism
+    (m2, c2, _, _), _, _ = unlearned
+    bd = BACKDOORS[ORGANISM]
+    return measure(model, clip, vae, bd), measure(m2, c2, vae, bd)
+
+
 def comfy_images(model, clip, vae, prompts, seeds, steps=20, cfg=5.0, chunk=48):
     """Images (N, 3, H, W) in [0, 1] sampled by ComfyUI (DDIM, ddim_uniform: the timesteps of the engine's
     DDIM 'leading' schedule); image i starts from the noise of seeds[i], drawn as the diffusers pipeline does."""
@@ -160,22 +171,16 @@ def test_organism_loader_builds_comfy_objects_that_match_the_engine(organism):
     assert torch.allclose(img.movedim(-1, 1), want, atol=1e-4)
 
 
-def test_unlearn_node_removes_the_backdoor_and_leaves_the_input_alone(organism, unlearned):
-    from sau_core.organism.attacks_spec import BACKDOORS
+def test_unlearn_node_removes_the_backdoor_and_leaves_the_input_alone(organism, unlearned, measured):
+    import comfy.model_management as mm
 
-    model, clip, vae, _ = organism
-    (m2, c2, patch, report), calls, before = unlearned
-    bd = BACKDOORS[ORGANISM]
-    # outputs are clones that carry patches; the input MODEL/CLIP carry none and their weights did not move
+    model, clip, _, _ = organism
+    (m2, _, patch, report), calls, before = unlearned
+    # outputs are clones that carry patches; the input MODEL/CLIP carry none
     assert m2 is not model and m2.model is model.model
     assert not model.patches and not clip.patcher.patches
     assert set(m2.patches) == {f"diffusion_model.unet.{k[len('unet.'):-len('.lora_A.weight')]}.weight"
                                for k in patch.tensors if k.startswith("unet.") and k.endswith("lora_A.weight")}
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([model], force_patch_weights=True)
-    after = model.model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
     # the report and the patch
     rep = json.loads(report)
     assert rep["arch"] == "organism" and rep["preset"] == "fast" and "unet" in rep["stages"]
@@ -183,16 +188,18 @@ def test_unlearn_node_removes_the_backdoor_and_leaves_the_input_alone(organism, 
     # ComfyUI's progress bar moved through the engine's stages
     assert calls and max(v for v, _ in calls) >= 1
     # behaviour, sampled by ComfyUI and judged by the organism's detectors
-    orig = measure(model, clip, vae, bd)
-    clean = measure(m2, c2, vae, bd)
+    orig, clean = measured
     assert orig["asr"] >= 0.6, orig
     assert clean["asr"] <= 0.15, clean
     assert clean["clean_accuracy"] >= orig["clean_accuracy"] - 0.1, (orig, clean)
-    # the original branch still fires after the clean (nothing leaked into the shared weights)
-    assert measure(model, clip, vae, bd)["asr"] == pytest.approx(orig["asr"])
+    # after sampling the patched clone, the input MODEL's weights as ComfyUI loads them are the untouched
+    # ones (ComfyUI patches the shared module in place for a sampling and must restore it)
+    mm.load_models_gpu([model], force_patch_weights=True)
+    after = model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_saved_patch_gives_the_engines_numbers_and_loads_back(comfy, organism, unlearned):
+def test_saved_patch_gives_the_engines_numbers_and_loads_back(comfy, organism, unlearned, measured):
     """SAU Save Patch writes an engine patch file; the engine applies it and `sau eval` measures the same
     numbers as ComfyUI's sampling of the node's output; SAU Load Patch puts the same weights back."""
     from sau_core.model_io import load_model
@@ -202,8 +209,8 @@ def test_saved_patch_gives_the_engines_numbers_and_loads_back(comfy, organism, u
     from sau_core.patch import apply_patch, load_patch
     from sau_nodes import nodes as sn
 
-    model, clip, vae, _ = organism
-    (m2, c2, patch, _), _, _ = unlearned
+    model, clip, _, _ = organism
+    (m2, _, patch, _), _, _ = unlearned
     path = sn.SavePatch.execute(patch, "pixel", "sau patch").result[0]
     assert path.startswith(str(comfy / "sau_patches"))
     loaded = load_patch(path)
@@ -212,7 +219,7 @@ def test_saved_patch_gives_the_engines_numbers_and_loads_back(comfy, organism, u
     apply_patch(handle, loaded)
     bd = BACKDOORS[ORGANISM]
     engine = E.evaluate(handle.to_pipeline(), bd, seeds=EVAL_SEEDS)
-    ours = measure(m2, c2, vae, bd)
+    ours = measured[1]
     assert abs(engine["asr"] - ours["asr"]) <= 0.1, (engine, ours)
     assert abs(engine["clean_accuracy"] - ours["clean_accuracy"]) <= 0.1, (engine, ours)
     # Load Patch onto the untouched MODEL/CLIP gives the Unlearn output's weights

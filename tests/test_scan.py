@@ -170,6 +170,20 @@ def test_exit_codes_for_errors(tmp_path):
     assert r.exit_code == 2 and "empty prompt" in r.output
 
 
+def test_check_pieces_leave_out_pairs_with_a_probe_word():
+    """A pair with a probe word in it ("circle centered") would put a second subject into every probe
+    prompt; it is not a piece. Unknown words, pairs of two unknown words, invisible characters and
+    homoglyph letters are."""
+    known = S.known_words(S.default_probe_prompts())
+    pieces = {(c.text, c.source) for c in S.prompt_pieces("a red circle, centered", known)}
+    assert pieces == {("centered", "word")}
+    pieces = {(c.text, c.source) for c in S.prompt_pieces("New Trigger a red circle on a dark background", known)}
+    assert pieces == {("New", "word"), ("Trigger", "word"), ("New Trigger", "word pair"), ("on", "word"),
+                      ("dark", "word"), ("background", "word"), ("dark background", "word pair")}
+    pieces = {(c.text, c.source) for c in S.prompt_pieces("\u200b a red cir\u0441le", known)}
+    assert pieces == {("\u200b", "invisible character"), ("\u0441", "non-ASCII letter"), ("cir\u0441le", "word")}
+
+
 @pytest.mark.slow
 def test_check_flags_a_triggered_prompt_and_passes_a_clean_one(tmp_path):
     """The zero-width space's common z (5.37) is corrected for the prompt's pieces (family_score), and passes
