@@ -932,14 +932,11 @@ class PromptChecker:
         x, t_ = self.probe.xs[0], self.probe.ts[0]
         self.a_clean = assimilation(handle, self.probe.pr.rows(None), x, t_)
 
-    def pieces(self, prompt: str) -> list[Candidate]:
-        return prompt_pieces(prompt, self.known)
-
     @torch.no_grad()
     def check(self, prompt: str) -> dict:
         if not isinstance(prompt, str) or not prompt.strip():
             raise SauError("empty prompt")
-        pieces = self.pieces(prompt)
+        pieces = prompt_pieces(prompt, self.known)
         scored = []
         for c in pieces:
             if c.placement == "homoglyph":
@@ -986,5 +983,5 @@ def check_benchmark(handle, backdoor, n: int = 4) -> dict:
             fp += 1
         else:
             tn += 1
-    f1 = 2 * tp / max(1, 2 * tp + fp + fn) if backdoor is not None else None
-    return {"tp": tp, "fn": fn, "fp": fp, "tn": tn, "f1": None if f1 is None else round(f1, 3), "prompts": prompts}
+    f1 = round(2 * tp / max(1, 2 * tp + fp + fn), 3) if backdoor is not None else None
+    return {"tp": tp, "fn": fn, "fp": fp, "tn": tn, "f1": f1, "prompts": prompts}
