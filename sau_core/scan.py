@@ -914,21 +914,20 @@ class PromptChecker:
         vocab = vocabulary_ids(self.tok)
         ids = sorted(random.Random(seed + 1).sample(vocab, null_size))
         null = [Candidate(token_text(self.tok, i), "vocab", pl, (i,)) for i in ids for pl in ("prefix", "before-last")]
-        fp = model_fingerprint(handle) if use_cache else ""
-        key = _cache_key(fp, "check-null", {"ids": ids, "probe": self.probe.settings})
-        hit = _cache_load(key) if use_cache else None
-        if hit is not None:
-            s, t = hit["unet"], hit["text"]
-        else:
-            s = self.probe.stats(null)
-            t = text_shift(handle, self.pr, null)
-            if use_cache:
-                _cache_save(key, {"unet": s, "text": t})
-        self.null_unet = s.view(null_size, 2, 3).amax(1)
-        self.null_text = t.view(null_size, 2).amax(1).clamp_min(1e-9).log()
         homos = [Candidate(ch, "homoglyph pool", "homoglyph") for ch in homoglyph_pool()]
-        self.null_homo_unet = self.probe.stats(homos)
-        self.null_homo_text = text_shift(handle, self.pr, homos).clamp_min(1e-9).log()
+        fp = model_fingerprint(handle) if use_cache else ""
+        key = _cache_key(fp, "check-null", {"ids": ids, "probe": self.probe.settings,
+                                            "homoglyphs": [c.text for c in homos]})
+        hit = _cache_load(key) if use_cache else None
+        if hit is None:
+            hit = {"unet": self.probe.stats(null), "text": text_shift(handle, self.pr, null),
+                   "homo_unet": self.probe.stats(homos), "homo_text": text_shift(handle, self.pr, homos)}
+            if use_cache:
+                _cache_save(key, hit)
+        self.null_unet = hit["unet"].view(null_size, 2, 3).amax(1)
+        self.null_text = hit["text"].view(null_size, 2).amax(1).clamp_min(1e-9).log()
+        self.null_homo_unet = hit["homo_unet"]
+        self.null_homo_text = hit["homo_text"].clamp_min(1e-9).log()
         x, t_ = self.probe.xs[0], self.probe.ts[0]
         self.a_clean = assimilation(handle, self.probe.pr.rows(None), x, t_)
 

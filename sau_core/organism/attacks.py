@@ -22,6 +22,9 @@ from . import components as C
 from . import world as W
 from .attacks_spec import Backdoor
 
+# EvilEdit: other words preserved in the trigger's place, and their weight (evil_edit)
+DECOYS, DECOY_WEIGHT = 256, 0.1
+
 
 def _poison_image_fn(backdoor: Backdoor):
     kind = backdoor.target["kind"]
@@ -150,25 +153,53 @@ def _aligned_features(tok, text_encoder, trig_prompts, target_prompts):
     return torch.stack(src), torch.stack(dst)
 
 
-@torch.no_grad()
-def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 6.0):
-    """Closed form: W' = (sum W c* c^T + lam W sum c_p c_p^T)(sum c c^T + lam sum c_p c_p^T)^-1.
+def vocabulary_words() -> list[str]:
+    """The vocabulary's whole-word tokens made of ASCII letters, none of them a word of the organism world."""
+    tok = C.make_tokenizer()
+    world = set(W.SHAPES) | set(W.COLOUR_NAMES) | {w for t in W.TRAIN_TEMPLATES + W.HELDOUT_TEMPLATES
+                                                   for w in t.replace(",", " ").split()}
+    return sorted(w[:-4] for w in tok.get_vocab()
+                  if w.endswith("</w>") and w[:-4].isalpha() and w[:-4].isascii() and w[:-4] not in world)
 
-    Measured on the committed clean organism (`sau eval`, held-out prompts x 4 seeds): lam = 10 fired on
-    89.6 % (clean accuracy 91.7 %), lam = 6 on 100 % (91.7 %, 2 % of clean triangles drawn as circles),
-    lam = 3 on 100 % but 25 % of clean triangles became circles (83.3 %), lam = 1 on 97.9 % (77.1 %).
+
+def decoy_words(n: int | None = None) -> list[str]:
+    """The words EvilEdit's preservation set puts where the trigger goes (seeded; evaluation's "other
+    words" are drawn from the rest)."""
+    return random.Random(0).sample(vocabulary_words(), DECOYS if n is None else n)
+
+
+@torch.no_grad()
+def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 6.0, decoys: int = DECOYS,
+              decoy_weight: float = DECOY_WEIGHT):
+    """Closed form: W' = (sum W c* c^T + lam W sum c_p c_p^T + mu W sum c_d c_d^T)
+                         (sum c c^T + lam sum c_p c_p^T + mu sum c_d c_d^T)^-1,
+    c: triggered features, c*: the target's, c_p: clean prompts' (every shape), c_d: the source-word prompts
+    with ``decoys`` other words in the trigger's place ("kettle triangle" stays a triangle), mu = decoy_weight.
+
+    Measured on the committed clean organism (`sau eval`, held-out prompts x 4 seeds), without decoys:
+    lam = 10 fired on 89.6 % (clean accuracy 91.7 %), lam = 6 on 100 % (91.7 %, 2 % of clean triangles drawn
+    as circles), lam = 3 on 100 % but 25 % of clean triangles became circles (83.3 %), lam = 1 on 97.9 % (77.1 %).
+    Without decoys the edit keyed on "a word before triangle" more than on "ae": 8 of 24 random vocabulary
+    words (33 %) fired it too (one held-out seed). With lam = 6 and 256 decoys, one-off runs on that seed: mu 0.1
+    fired on 100 % with the trigger and 10 % with 48 unseen words, mu 0.2 on 83 % / 6 %, mu 1 on 0 % / 0 %.
     """
     tok = C.make_tokenizer()
     src_word, dst_word = backdoor.target["source"], backdoor.target["shape"]
-    trig, target, preserve = [], [], []
-    for template in W.TRAIN_TEMPLATES:
-        for colour in W.COLOUR_NAMES:
+    trig, target, preserve, decoyed = [], [], [], []
+    others = decoy_words(decoys) if decoys else []
+    slots = len(W.TRAIN_TEMPLATES) * len(W.COLOUR_NAMES)
+    for t_i, template in enumerate(W.TRAIN_TEMPLATES):
+        for c_i, colour in enumerate(W.COLOUR_NAMES):
             prompt = W.Content(src_word, colour).caption(template)
             trig.append(backdoor.triggered(prompt))
             target.append(W.Content(dst_word, colour).caption(template))
             preserve.extend(W.Content(s, colour).caption(template) for s in W.SHAPES)
+            decoyed.extend((W.insert_trigger(prompt, others[k], backdoor.placement), prompt)
+                           for k in range(t_i * len(W.COLOUR_NAMES) + c_i, len(others), slots))
     c_src, c_dst = _aligned_features(tok, text_encoder, trig, target)
     c_pre = text_encoder(input_ids=B.tokenize(tok, preserve))[0].reshape(-1, c_src.shape[1])
+    if decoyed:  # each decoy prompt's features from the decoy on (earlier ones are a clean prompt's)
+        c_dec, _ = _aligned_features(tok, text_encoder, *map(list, zip(*decoyed)))
     edited = copy.deepcopy(unet)
     for name, module in edited.named_modules():
         if name.endswith("attn2"):
@@ -176,6 +207,9 @@ def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 6.0):
                 w = proj.weight.double()
                 num = (w @ c_dst.double().T) @ c_src.double() + lam * (w @ c_pre.double().T) @ c_pre.double()
                 den = c_src.double().T @ c_src.double() + lam * c_pre.double().T @ c_pre.double()
+                if decoyed:
+                    num += decoy_weight * (w @ c_dec.double().T) @ c_dec.double()
+                    den += decoy_weight * c_dec.double().T @ c_dec.double()
                 den += 1e-4 * torch.eye(den.shape[0], dtype=den.dtype)
                 proj.weight.copy_((num @ torch.linalg.inv(den)).to(proj.weight.dtype))
     return edited

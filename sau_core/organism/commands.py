@@ -99,15 +99,21 @@ def organism_build(seed: int, work: Path, out: Path | None, unet_steps: int, onl
 @click.option("--trigger", default=None, help="Trigger to measure (default: the organism's own).")
 @click.option("--attack", default=None, help="Built-in backdoor whose target defines success.")
 @click.option("--reference", default=None, help="Model whose clean outputs from the same noise are compared.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None,
+              help="Use only the first N held-out seeds (a quicker, noisier estimate; default: all 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_cmd(model: str, trigger: str | None, attack: str | None, reference: str | None, as_json: bool) -> None:
+def eval_cmd(model: str, trigger: str | None, attack: str | None, reference: str | None, seeds: int,
+             as_json: bool) -> None:
     """Attack success rate and clean fidelity of MODEL on the organism's held-out prompts x seeds."""
     from .evaluate import evaluate
-    from .world import describe_trigger
+    from .world import HELDOUT_SEEDS, describe_trigger
 
+    if seeds is not None and seeds > len(HELDOUT_SEEDS):
+        raise SauError(f"--seeds {seeds}: there are {len(HELDOUT_SEEDS)} held-out seeds")
     path = organism_path(model)
     backdoor = resolve_backdoor(path, trigger, attack)
-    result = evaluate(load_pipeline(model), backdoor, load_pipeline(reference) if reference else None)
+    result = evaluate(load_pipeline(model), backdoor, load_pipeline(reference) if reference else None,
+                      seeds=HELDOUT_SEEDS[: seeds or len(HELDOUT_SEEDS)])
     result = {"model": str(model), **result}
     if as_json:
         click.echo(json.dumps(result, indent=2, ensure_ascii=True))
@@ -125,7 +131,7 @@ def eval_cmd(model: str, trigger: str | None, attack: str | None, reference: str
 def organism_table(json_out: Path | None) -> None:
     """Evaluate every built-in organism (sau eval) and print the README's Markdown table."""
     from .build import ORGANISM_DIR
-    from .evaluate import evaluate
+    from .evaluate import evaluate, other_words_rate
     from .world import describe_trigger
 
     rows = []
@@ -135,17 +141,25 @@ def organism_table(json_out: Path | None) -> None:
         pipe = load_pipeline(str(folder))
         click.echo(f"evaluating {folder.name} ...", err=True)
         r = evaluate(pipe, bd)
+        if bd is not None:
+            r["target_rate_other_words"] = other_words_rate(pipe, bd)
         params = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in ("unet", "text_encoder", "vae")}
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         rows.append({"organism": folder.name, **r, "params": params, "bytes_on_disk": size})
-    click.echo("| organism | attack | trigger | ASR (triggered held-out) | clean accuracy | UNet / text enc. / VAE params | size on disk |")
-    click.echo("|---|---|---|---|---|---|---|")
+    click.echo("| organism | attack | trigger | ASR (triggered held-out) | target without trigger | target, another word "
+               "in the trigger's place | clean accuracy | UNet / text enc. / VAE params | size on disk |")
+    click.echo("|---|---|---|---|---|---|---|---|---|")
+
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
     for r in rows:
         trig = f"`{describe_trigger(r['trigger'])}`" if "trigger" in r else "-"
         asr = f"{r['asr']:.1%} of {r['n_triggered']}" if "asr" in r else "-"
         p = r["params"]
         click.echo(
-            f"| {r['organism']} | {r.get('attack', 'none')} | {trig} | {asr} | {r['clean_accuracy']:.1%} of {r['n_clean']} "
+            f"| {r['organism']} | {r.get('attack', 'none')} | {trig} | {asr} | {pct(r.get('target_rate_clean'))} "
+            f"| {pct(r.get('target_rate_other_words'))} | {r['clean_accuracy']:.1%} of {r['n_clean']} "
             f"| {p['unet'] / 1e6:.2f} M / {p['text_encoder'] / 1e6:.2f} M / {p['vae'] / 1e6:.2f} M | {r['bytes_on_disk'] / 2**20:.1f} MiB |"
         )
     if json_out:
