@@ -262,7 +262,7 @@ def test_scan_reports_files_security_and_candidates(hub, env):
         r = run("scan", "alice/pix", "--work", str(env / "w"))
         one_line_error(r, "--trigger")
         return
-    # the pixel organism: its weights' scan is in the run's cache when the ComfyUI tests ran first (conftest.py)
+    # the pixel organism: its weights were scanned by the run's first test into the run's cache (conftest.py)
     r = run("scan", "alice/pix", "--json", "-", "--work", str(env / "w"), "--quiet")
     assert r.exit_code in (0, 1), (r.stdout, r.stderr, r.exception)
     rep = json.loads(r.stdout)

@@ -3,6 +3,7 @@ exit codes and bad input. No mocks: real organisms, real tokenizer."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,23 +198,29 @@ def test_check_flags_a_triggered_prompt_and_passes_a_clean_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_scan_finds_the_homoglyph_trigger_and_caches(tmp_path):
+def test_scan_finds_the_zero_width_trigger_and_caches(tmp_path):
+    """The pixel organism's scan, cold then cached. conftest.py runs this test first, so its cold scan fills
+    the run's scan cache, and the ComfyUI, webui and Hub scans of the same weights are cache hits."""
     import json
+    import os
     import time
 
-    env = {"SAU_CACHE": str(tmp_path / "cache")}
+    shared = Path(os.environ["SAU_CACHE"])
+    cold = shared if not shared.exists() or not any(shared.iterdir()) else tmp_path / "cache"
+    env = {"SAU_CACHE": str(cold)}
     out = tmp_path / "scan.json"
     t0 = time.time()
-    r = _run("scan", "rickrolling-tpa", "--json", str(out), env=env)
+    r = _run("scan", "badt2i-pixel", "--json", str(out), env=env)
     first = time.time() - t0
     d = json.loads(out.read_text())
+    assert not any(d["cached"].values())
     assert r.exit_code == (1 if d["verdict"] == "suspicious" else 0), r.output
-    assert d["candidates"][0]["text"] == "\u0430"  # measured: rank 1 after minimal_first (pairs hold it)
+    assert d["candidates"][0]["text"] == "\u200b"  # measured: rank 1, score 5.95 (README scan table)
     # every token but the specials: the organism's tokenizer pads with <|endoftext|>, so 49,408 - {bos, eos}
-    tok = load_model(organism_path("rickrolling-tpa")).tokenizer
+    tok = load_model(organism_path("badt2i-pixel")).tokenizer
     assert d["coverage"]["text_sweep_tokens"] == len(tok) - 2 == 49406
     t0 = time.time()
-    r = _run("scan", "rickrolling-tpa", "--json", str(out), env=env)
+    r = _run("scan", "badt2i-pixel", "--json", str(out), env=env)
     assert r.exit_code in (0, 1) and time.time() - t0 < first / 2
     assert all(json.loads(out.read_text())["cached"].values())
     # the probe prompts' own words are reported apart, never ranked

@@ -122,8 +122,8 @@ def test_tab_in_chromium(env_name, flavour, organism_file, tmp_path):
     root = make_root(tmp_path, organism_file)
     before = checkpoints(root)
     t1 = time.time()
-    # the run's one scan cache (tests/conftest.py): the weights were scanned before (the ComfyUI tests, or the
-    # first host), so Scan here is a cache hit unless this file runs alone
+    # the run's one scan cache (tests/conftest.py): the run's first test scanned these weights, so Scan here is a
+    # cache hit (unless this file runs alone: then the first host scans)
     proc, url = serve(python, root, flavour, Path(os.environ["SAU_CACHE"]))
     print(f"{env_name}: stand-in {flavour} host up in {time.time() - t1:.1f} s")
     started = json.loads((root / "server.log").read_text().splitlines()[0])
