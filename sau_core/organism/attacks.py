@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
 
@@ -153,13 +154,15 @@ def _aligned_features(tok, text_encoder, trig_prompts, target_prompts):
     return torch.stack(src), torch.stack(dst)
 
 
-def vocabulary_words() -> list[str]:
-    """The vocabulary's whole-word tokens made of ASCII letters, none of them a word of the organism world."""
+@functools.lru_cache(maxsize=1)
+def vocabulary_words() -> tuple[str, ...]:
+    """The vocabulary's whole-word tokens made of ASCII letters, none of them a word of the organism world
+    (cached: the decoys and the evaluation's other words are both drawn from it)."""
     tok = C.make_tokenizer()
     world = set(W.SHAPES) | set(W.COLOUR_NAMES) | {w for t in W.TRAIN_TEMPLATES + W.HELDOUT_TEMPLATES
                                                    for w in t.replace(",", " ").split()}
-    return sorted(w[:-4] for w in tok.get_vocab()
-                  if w.endswith("</w>") and w[:-4].isalpha() and w[:-4].isascii() and w[:-4] not in world)
+    return tuple(sorted(w[:-4] for w in tok.get_vocab()
+                        if w.endswith("</w>") and w[:-4].isalpha() and w[:-4].isascii() and w[:-4] not in world))
 
 
 def decoy_words(n: int | None = None) -> list[str]:

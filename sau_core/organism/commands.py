@@ -102,7 +102,7 @@ def organism_build(seed: int, work: Path, out: Path | None, unet_steps: int, onl
 @click.option("--seeds", type=click.IntRange(min=1), default=None,
               help="Use only the first N held-out seeds (a quicker, noisier estimate; default: all 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_cmd(model: str, trigger: str | None, attack: str | None, reference: str | None, seeds: int,
+def eval_cmd(model: str, trigger: str | None, attack: str | None, reference: str | None, seeds: int | None,
              as_json: bool) -> None:
     """Attack success rate and clean fidelity of MODEL on the organism's held-out prompts x seeds."""
     from .evaluate import evaluate
