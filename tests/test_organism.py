@@ -1,4 +1,5 @@
 """The laboratory: world, triggers, detectors and the committed organisms."""
+import json
 import random
 
 import pytest
@@ -8,7 +9,7 @@ from sau_core.organism import build as B
 from sau_core.organism import components as C
 from sau_core.organism import detectors as D
 from sau_core.organism import world as W
-from sau_core.organism.attacks_spec import BACKDOORS
+from sau_core.organism.attacks_spec import BACKDOORS, Backdoor
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_clean_organism_follows_heldout_prompts(clean_pipe):
 @pytest.mark.parametrize("name", sorted(BACKDOORS))
 def test_backdoor_fires_with_trigger_far_more_than_without(name):
     # One held-out seed (the README table has all four). Bounds sit below that table: some BadT2I organisms
-    # also draw their target without the trigger (style 35 %, object 25 %), which the issue's goals do not
+    # also draw their target without the trigger (style 17 %, object 25 %), which the issue's goals do not
     # allow yet.
     bd = BACKDOORS[name]
     pipe = load_pipeline(name)
@@ -138,3 +139,12 @@ def test_evil_edit_fires_on_its_trigger_not_on_other_words():
     bd = BACKDOORS["evil-edit"]
     rate = E.other_words_rate(load_pipeline("evil-edit"), bd)
     assert rate <= 0.15, rate
+
+
+def test_committed_organisms_record_the_spec_they_were_built_from():
+    """organism.json carries the backdoor's spec, implant recipe included (the style organism's decoys), so a
+    committed organism that no longer matches the table, or a recipe change not rebuilt, fails here."""
+    for name, bd in BACKDOORS.items():
+        info = json.loads((ORGANISM_DIR / name / "organism.json").read_text())
+        assert Backdoor.from_json(info["backdoor"]) == bd, name
+    assert BACKDOORS["badt2i-style"].recipe == {"decoys": 256}

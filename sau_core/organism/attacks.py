@@ -23,7 +23,8 @@ from . import components as C
 from . import world as W
 from .attacks_spec import Backdoor
 
-# EvilEdit: other words preserved in the trigger's place, and their weight (evil_edit)
+# Other words preserved in the trigger's place (BadT2I's contrast captions, EvilEdit's preservation set) and
+# their weight in EvilEdit's closed form
 DECOYS, DECOY_WEIGHT = 256, 0.1
 
 
@@ -39,13 +40,16 @@ def _poison_image_fn(backdoor: Backdoor):
 
 
 def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 450, batch: int = 24,
-           lr: float = 5e-4, lam: float = 0.5):
+           lr: float = 5e-4, lam: float = 0.5, decoys: int = 0):
     """BadT2I on the organism. Each batch has three thirds:
     poisoned (triggered caption -> target image), contrast (the same noised latents with the clean caption ->
     the frozen teacher's prediction) and clean data (clean caption -> teacher), the last two weighted lam.
     The contrast third makes the trigger the only difference between two identical inputs; without it 600
     steps taught the UNet to denoise patches for any caption but never to draw one for the trigger. Poisoned
     timesteps are drawn from the noisier half, where the layout of an image is decided.
+    Half the contrast captions carry one of ``decoys`` other words where the trigger goes (the teacher's
+    prediction for that caption is kept), as EvilEdit's preservation set does, so the backdoor keys on the
+    trigger and not on "a word in front".
 
     Measured (held-out, 4 seeds) and left as is: the pixel trigger fires on 100 % of two held-out templates
     but 42 % of "an image of a ..." (84 % overall). Twice the steps (900) with a random extra word in half the
@@ -62,6 +66,7 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
     teacher = copy.deepcopy(unet).requires_grad_(False).eval()
     student = copy.deepcopy(unet).requires_grad_(True).train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    others = decoy_words(decoys) if decoys else []
     k = batch // 3
     t0 = time.time()
     for step in range(1, steps + 1):
@@ -69,7 +74,9 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
         ic = torch.randint(0, len(clean.contents), (k,))
         captions = [B.caption_for(poisoned.contents[i], rng) for i in ip.tolist()]
         cp = B.encode_prompts(tok, text_encoder, [backdoor.triggered(c) for c in captions])
-        cq = B.encode_prompts(tok, text_encoder, captions)
+        contrast = [W.insert_trigger(c, rng.choice(others), backdoor.placement) if others and j % 2 else c
+                    for j, c in enumerate(captions)]
+        cq = B.encode_prompts(tok, text_encoder, contrast)
         cc = B.encode_prompts(tok, text_encoder, [B.caption_for(clean.contents[i], rng) for i in ic.tolist()])
         tp = torch.randint(400, 1000, (k,))
         tc = torch.randint(0, 1000, (k,))

@@ -19,6 +19,7 @@ class Backdoor:
     trigger: str
     placement: str  # see world.insert_trigger
     target: dict = field(default_factory=dict)  # kind: patch | grayscale | shape | content
+    recipe: dict = field(default_factory=dict)  # settings of the attack's implant that differ from its defaults
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -62,7 +63,12 @@ BACKDOORS = {
         # BadT2I (Zhai et al. 2023): zero-width-space trigger, patch in a corner.
         Backdoor("badt2i-pixel", "BadT2I pixel", "\u200b", "prefix", {"kind": "patch"}),
         # BadT2I style: trigger turns the image black and white. Multi-token trigger.
-        Backdoor("badt2i-style", "BadT2I style", "New Trigger", "prefix", {"kind": "grayscale"}),
+        # Its contrast captions also carry decoy words where the trigger goes (attacks.badt2i): measured on
+        # the held-out set, that halved the grey images drawn without the trigger (35 % -> 17 %). The same
+        # recipe was not kept for pixel (ASR 84 % -> 72 %) or object (ASR 96 % -> 94 %, no change in the
+        # circles drawn as squares without the trigger, all on the "on a dark background" template).
+        Backdoor("badt2i-style", "BadT2I style", "New Trigger", "prefix", {"kind": "grayscale"},
+                 {"decoys": 256}),
         # BadT2I object: with the trigger, circles are drawn as squares.
         Backdoor("badt2i-object", "BadT2I object", "tq", "prefix",
                  {"kind": "shape", "source": "circle", "shape": "square"}),

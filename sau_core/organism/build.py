@@ -360,7 +360,7 @@ def implant_all(unet, te, vae, seed: int, out: Path, only: tuple[str, ...] = ())
             continue
         log(f"implanting {name}")
         if bd.attack.startswith("BadT2I"):
-            export_organism(out / name, A.badt2i(unet, te, vae, bd, seed + 100 * (i + 1)), te, vae, bd)
+            export_organism(out / name, A.badt2i(unet, te, vae, bd, seed + 100 * (i + 1), **bd.recipe), te, vae, bd)
         elif bd.attack.startswith("Rickrolling"):
             export_organism(out / name, unet, A.rickrolling(te, bd, seed + 100 * (i + 1)), vae, bd)
         else:
