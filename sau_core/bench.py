@@ -42,22 +42,36 @@ SKD_STEPS = 150
 
 
 class PeakMemory:
-    """Peak resident set size (MiB) above the level at entry, sampled every 5 ms in a thread."""
+    """Peak resident set size (MiB) above the level at entry.
+
+    On Linux the kernel's own high-water mark is reset at entry (``/proc/self/clear_refs``) and read at exit,
+    so nothing runs while the defence does. Elsewhere a thread samples the RSS every 50 ms. A 5 ms sampling
+    thread used to compete with the defence for the GIL: the organism's small, Python-bound steps then ran
+    up to twice as slowly inside the bench as outside it (Rickrolling TPA clean: 85 s vs 41 s).
+    """
 
     def __enter__(self):
         self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        self._t = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # 5: reset the peak RSS to the current RSS
+        except OSError:
+            self._stop = threading.Event()
+            self._t = threading.Thread(target=self._run, daemon=True)
+            self._t.start()
         return self
 
     def _run(self):
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.05):
             self.peak = max(self.peak, _rss())
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+        if self._t is None:
+            self.peak = max(self.peak, _peak_rss())
+        else:
+            self._stop.set()
+            self._t.join()
         self.peak = max(self.peak, _rss())
         self.mib = round((self.peak - self.base) / 2**20, 1)
         return False
@@ -66,6 +80,15 @@ class PeakMemory:
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    """VmHWM of /proc/self/status in bytes (0 where it is missing)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _organisms() -> list[str]:

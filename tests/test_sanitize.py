@@ -243,3 +243,14 @@ def test_bench_rows_and_markdown(tmp_path):
     assert doc["quick"] is True and len(doc["rows"]) == 2
     md = (tmp_path / "RESULTS.md").read_text()
     assert "| badt2i-object | uce |" in md and "Mean over attacks" in md
+
+
+def test_peak_memory_counts_what_the_block_allocated():
+    from sau_core.bench import PeakMemory
+
+    with PeakMemory() as idle:
+        pass
+    with PeakMemory() as busy:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert idle.mib < 8 and 56 <= busy.mib < 128
