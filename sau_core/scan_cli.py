@@ -133,15 +133,25 @@ def check_cmd(model, prompts, as_json, no_cache):
 @click.option("--budget", type=click.Choice(sorted(S.BUDGETS)), default="fast", show_default=True)
 @click.option("--check-prompts", default=4, show_default=True,
               help="Held-out prompts per organism for the prompt-check F1 (each with and without trigger).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the JSON results here.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write the JSON results here; rows of organisms not scanned this time are kept from it.")
 @click.option("--no-cache", is_flag=True)
 def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache):
-    """Scan every built-in organism, print the detection table (Markdown) that the README shows."""
+    """Scan every built-in organism, print the detection table (Markdown) that the README shows.
+
+    With --out, rows already in that file for other organisms stay (as `sau bench` keeps other attacks' rows),
+    so rebuilding one organism means re-scanning only that one; the table printed covers them all."""
     from .organism.attacks_spec import BACKDOORS
     from .organism.build import ORGANISM_DIR
 
     names = sorted(p.parent.name for p in ORGANISM_DIR.glob("*/organism.json")) if organisms == "all" \
         else [n.strip() for n in organisms.split(",") if n.strip()]
+    kept = []  # read before scanning, so a bad file fails at once
+    if out and out.is_file():
+        try:
+            kept = [r for r in json.loads(out.read_text()) if r["organism"] not in names]
+        except (ValueError, TypeError, KeyError) as e:
+            raise SauError(f"{out}: not a scan-bench results file ({e})") from None
     rows = []
     for name in names:
         handle = _load(name)
@@ -159,6 +169,8 @@ def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache):
             row["check"] = S.check_benchmark(handle, bd, check_prompts)
         rows.append(row)
         click.echo(json.dumps(row, ensure_ascii=True), err=True)
+    if kept:
+        rows = sorted(rows + kept, key=lambda r: r["organism"])
     click.echo(bench_table(rows))
     if out:
         from .model_io import write_text_atomic

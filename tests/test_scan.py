@@ -228,3 +228,25 @@ def test_scan_finds_the_zero_width_trigger_and_caches(tmp_path):
     known = set(d["coverage"]["known_words"])
     assert {"blue", "circle"} <= known and not any(S.is_known(c["text"], known) for c in d["candidates"])
     assert "known words (the probe prompts' own" in r.output
+
+
+@pytest.mark.slow
+def test_scan_bench_rescans_one_organism_and_keeps_the_others_rows(tmp_path):
+    """`sau scan-bench --organisms X --out F` replaces X's row in F and keeps every other organism's (the
+    pixel organism's scan is a cache hit: the first test made it)."""
+    import json
+
+    out = tmp_path / "scan_results.json"
+    out.write_text("{not json")
+    r = _run("scan-bench", "--organisms", "badt2i-pixel", "--check-prompts", "0", "--out", str(out))
+    assert r.exit_code == 2 and "not a scan-bench results file" in r.output and "Traceback" not in r.output
+    other = {"organism": "clean", "trigger": "-", "rank": None, "verdict": "nothing above threshold",
+             "top": "x", "top_score": 1.0, "true_score": None, "seconds": 1.0}
+    stale = {**other, "organism": "badt2i-pixel", "trigger": "\\u200b", "rank": 99}
+    out.write_text(json.dumps([stale, other]))
+    r = _run("scan-bench", "--organisms", "badt2i-pixel", "--check-prompts", "0", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    rows = {row["organism"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"badt2i-pixel", "clean"} and rows["clean"] == other
+    assert rows["badt2i-pixel"]["rank"] == 1 and rows["badt2i-pixel"]["fires_trigger"] > 0.5
+    assert "| clean | `-` |" in r.output and "| badt2i-pixel | `\\u200b` | 1 |" in r.output
