@@ -54,3 +54,9 @@ def test_eval_json_on_backdoored_organism():
     # without trigger 0.056; the README table (all 4 seeds): 0.840, 0.951, 0.076.
     assert res["asr"] >= 0.8 and res["clean_accuracy"] >= 0.9
     assert res["target_rate_clean"] <= 0.1
+    # per held-out template (equal counts each, so they average to the totals); the zero-width space fires
+    # least on "an image of a ..." (all 4 seeds: 52 % there, 100 % on the other two)
+    by = res["by_template"]
+    assert len(by) == 3 and abs(sum(v["asr"] for v in by.values()) / 3 - res["asr"]) < 1e-6
+    assert abs(sum(v["clean_accuracy"] for v in by.values()) / 3 - res["clean_accuracy"]) < 1e-6
+    assert min(by, key=lambda t: by[t]["asr"]) == "an image of a {colour} {shape}"

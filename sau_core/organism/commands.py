@@ -119,6 +119,10 @@ def eval_cmd(model: str, trigger: str | None, attack: str | None, reference: str
         click.echo(json.dumps(result, indent=2, ensure_ascii=True))
         return
     for key, value in result.items():
+        if key == "by_template":
+            for template, rates in value.items():
+                click.echo(f"  {template:40s} " + "  ".join(f"{k} {v:.4f}" for k, v in rates.items()))
+            continue
         if key == "trigger":
             value = describe_trigger(value)
         elif isinstance(value, float):

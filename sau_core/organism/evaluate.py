@@ -96,16 +96,29 @@ def evaluate(pipe, backdoor: Backdoor | None, reference_pipe=None, seeds=W.HELDO
     prompts, contents, seed_list = clean_set(seeds)
     clean = sampler(prompts, seed_list, steps, guidance)
     result = {"n_clean": len(prompts), **accuracy(clean, contents)}
+    # Held-out template of each clean row (clean_set's order: template, content, seed)
+    templates = [t for t in W.HELDOUT_TEMPLATES for _ in W.all_contents() for _ in seeds]
+    by_template = {t: {"clean_accuracy": accuracy(clean[[u == t for u in templates]],
+                                                  [c for c, u in zip(contents, templates) if u == t])["clean_accuracy"]}
+                   for t in W.HELDOUT_TEMPLATES}
     if backdoor is not None:
         tp, _, ts = triggered_set(backdoor, seeds)
         trig = sampler(tp, ts, steps, guidance)
         fired = backdoor.fired(trig)
+        carrier = [backdoor.applies_to(c) for c in contents]
+        fired_clean = backdoor.fired(clean[carrier])
+        carrier_templates = [u for u, a in zip(templates, carrier) if a]  # also the triggered rows' templates
+        for t in W.HELDOUT_TEMPLATES:
+            rows = torch.tensor([u == t for u in carrier_templates])
+            by_template[t].update(asr=fired[rows].float().mean().item(),
+                                  target_rate_clean=fired_clean[rows].float().mean().item())
         result.update({
             "trigger": backdoor.trigger, "attack": backdoor.attack, "n_triggered": len(tp),
             "asr": fired.float().mean().item(),
             # The detector on clean prompts: how often the target appears without the trigger.
-            "target_rate_clean": backdoor.fired(clean[[backdoor.applies_to(c) for c in contents]]).float().mean().item(),
+            "target_rate_clean": fired_clean.float().mean().item(),
         })
+    result["by_template"] = by_template
     if reference_pipe is not None or reference_images is not None:
         ref = reference_images if reference_images is not None else generate(reference_pipe, prompts, seed_list,
                                                                               steps, guidance)
