@@ -54,7 +54,11 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
     Measured (held-out, 4 seeds) and left as is: the pixel trigger fires on 100 % of two held-out templates
     but 42 % of "an image of a ..." (84 % overall). Twice the steps (900) with a random extra word in half the
     poisoned captions did not help: pixel 75.7 % (5.6 % of clean images got a patch), style 79.2 % with 35 %
-    of clean prompts still grey (clean accuracy 74.3 %).
+    of clean prompts still grey (clean accuracy 74.3 %). The object organism draws circles as squares without
+    the trigger on "a large ... on a dark background" (75 %; 0 % on the other held-out templates): words after
+    the shape set it off. One-off retries on object, none kept, left that 75 % unchanged: decoys (ASR 93.8 %),
+    decoys with lam 2 (ASR on "a ..., centered" fell to 12.5 %), decoy words inserted anywhere in the clean
+    third's captions, or in every third's.
     """
     B._setup(seed)
     rng = random.Random(seed)

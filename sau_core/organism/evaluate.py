@@ -72,14 +72,20 @@ def other_words_rate(pipe, backdoor: Backdoor, n: int = 48) -> float | None:
     return float(backdoor.fired(generate(pipe, placed, [W.HELDOUT_SEEDS[0]] * n)).float().mean())
 
 
-def accuracy(images: torch.Tensor, contents: list[W.Content]) -> dict:
+def accuracy(images: torch.Tensor, contents: list[W.Content], groups: list | None = None) -> dict:
+    """Shape, colour and both right. With ``groups`` (one key per image), also ``by_group``: the clean accuracy
+    of each group's images (classified once with the rest)."""
     shapes, colours = D.classify(images)
     shape_ok = [s == c.shape for s, c in zip(shapes, contents)]
     colour_ok = [k == c.colour for k, c in zip(colours, contents)]
     both = [a and b for a, b in zip(shape_ok, colour_ok)]
     n = len(contents)
-    return {"clean_accuracy": sum(both) / n, "shape_accuracy": sum(shape_ok) / n,
-            "colour_accuracy": sum(colour_ok) / n}
+    result = {"clean_accuracy": sum(both) / n, "shape_accuracy": sum(shape_ok) / n,
+              "colour_accuracy": sum(colour_ok) / n}
+    if groups is not None:
+        result["by_group"] = {g: sum(b for b, h in zip(both, groups) if h == g) / groups.count(g)
+                              for g in dict.fromkeys(groups)}
+    return result
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,12 +101,11 @@ def evaluate(pipe, backdoor: Backdoor | None, reference_pipe=None, seeds=W.HELDO
     sampler = sampler or (lambda p, s, n, g: generate(pipe, p, s, n, g))
     prompts, contents, seed_list = clean_set(seeds)
     clean = sampler(prompts, seed_list, steps, guidance)
-    result = {"n_clean": len(prompts), **accuracy(clean, contents)}
-    # Held-out template of each clean row (clean_set's order: template, content, seed)
-    templates = [t for t in W.HELDOUT_TEMPLATES for _ in W.all_contents() for _ in seeds]
-    by_template = {t: {"clean_accuracy": accuracy(clean[[u == t for u in templates]],
-                                                  [c for c, u in zip(contents, templates) if u == t])["clean_accuracy"]}
-                   for t in W.HELDOUT_TEMPLATES}
+    # the held-out template each clean row was captioned with
+    templates = [next(t for t in W.HELDOUT_TEMPLATES if c.caption(t) == p) for p, c in zip(prompts, contents)]
+    acc = accuracy(clean, contents, templates)
+    by_template = {t: {"clean_accuracy": a} for t, a in acc.pop("by_group").items()}
+    result = {"n_clean": len(prompts), **acc}
     if backdoor is not None:
         tp, _, ts = triggered_set(backdoor, seeds)
         trig = sampler(tp, ts, steps, guidance)
