@@ -43,15 +43,18 @@ class Preset:
     w_attention: float = 1.0
     w_preserve: float = 100.0
     te_w_preserve: float = 10.0
-    # Closed-form edit: weight of the preservation rows (lam) and the ridge (mu), see unlearn.uce_edit. The keep
-    # rows (every clean prompt's 77 states, padding included) outnumber the triggered rows about 4:1. Measured
-    # with the closed form alone on the EvilEdit organism (48 triggered held-out prompts, 144 clean):
-    # lam 1 / mu 1e-2: ASR 29.2 %, clean accuracy 91.7 %; 0.3 / 1e-2: 14.6 %, 91.7 %; 0.1 / 1e-2: 10.4 %, 92.4 %;
-    # 0.1 / 1e-3: 8.3 %, 92.4 %. But with 0.1 / 1e-3 on BadT2I pixel (`sau bench`) the standard preset fell
-    # from 100 % to 90.9 % removal (sau-fast rose 90.1 -> 93.4 %), so the defaults stay until a full bench says
-    # otherwise.
-    edit_keep: float = 1.0
-    edit_ridge: float = 1e-2
+    # Closed-form edits, gentlest first: (weight of the preservation rows lam, ridge mu), see unlearn.uce_edit.
+    # Each is measured with unlearn.trigger_residual; the first that leaves at most ``finetune_above`` of the
+    # trigger's effect on the noise prediction is the whole UNet stage, otherwise the first initialises the
+    # fine-tune (unlearn.train_sau). The keep rows (every clean prompt's 77 states, padding included)
+    # outnumber the triggered rows about 4:1. Measured one-off (held-out prompts x 4 seeds), the closed form
+    # alone on the EvilEdit organism: lam 1 / mu 1e-2 ASR 29.2 %; 0.1 / 1e-3 8.3 %; with the standard probes
+    # 0.1 / 1e-4 0 % (residual 0.007). Fine-tuning after 0.1 / 1e-4 brought it back to 4.2 %; as the fine-tune's
+    # init, 0.1 / 1e-4 cost BadT2I pixel 3.5 points of ASR and Rickrolling TAA 3.4 points of clean accuracy,
+    # so the fine-tune keeps starting from 1 / 1e-2. Residuals of 0.1 / 1e-4 on the other organisms: BadT2I
+    # style 0.005, pixel 0.034, object 0.082, Rickrolling TAA 0.44, TPA 0.68 (after the text-encoder stage).
+    edits: tuple[tuple[float, float], ...] = ((1.0, 1e-2), (0.1, 1e-4))
+    finetune_above: float | None = 0.02
 
 
 PRESETS = {
@@ -71,6 +74,11 @@ GENERIC_PROMPTS = (
     "a horse running in a meadow", "a child playing in the park", "a steaming bowl of ramen",
     "a futuristic robot", "a snowy forest",
 )
+
+
+def _plain(value):
+    """Tuples (nested too) as lists: the settings go into JSON patch metadata."""
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def preset(name: str) -> Preset:
@@ -181,14 +189,14 @@ def sanitize(handle, trigger: Trigger, preset_name: str = "standard", *, seed: i
     res = train_sau(handle, trigger, loc, steps=p.unet_steps, seed=seed, layers=None if p.unet_steps else [],
                     batch_size=p.batch_size, lr=p.lr, w_distill=p.w_distill, w_attention=p.w_attention,
                     w_preserve=p.w_preserve, uce_init=True, uce_prompts=edit_prompts,
-                    uce_preserve=preserve_prompts(handle, p.edit_prompts, prompts), uce_keep=p.edit_keep,
-                    uce_ridge=p.edit_ridge,
+                    uce_preserve=preserve_prompts(handle, p.edit_prompts, prompts), uce_edits=p.edits,
+                    finetune_above=p.finetune_above,
                     progress=lambda d, n, _t: report("unet", d, n))
     stages.append("unet")
     history["unet"] = res.history
     seconds["unet"] = round(time.time() - t2, 2)
     seconds["total"] = round(time.time() - t0, 2)
-    settings = {"seed": seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(p).items()},
+    settings = {"seed": seed, **{k: _plain(v) for k, v in asdict(p).items()},
                 "probe_prompts": probes, "edit_prompts": len(edit_prompts), "placement": trigger.placement, "unet": res.settings}
     return CleanResult(trigger, preset_name, loc, shift_json, settings, stages, seconds,
                        res.unet_passes, unet_forward + res.unet_forward, history)

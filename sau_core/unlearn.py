@@ -207,6 +207,50 @@ def init_from_deltas(unet, deltas: dict[str, torch.Tensor], name: str = ADAPTER)
     return worst
 
 
+RESIDUAL_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+@contextlib.contextmanager
+def deltas_applied(unet, deltas: dict[str, torch.Tensor]):
+    """The UNet with ``deltas`` added to its base weights inside the block; the exact original tensors back
+    after (restored from copies, not subtracted, so no rounding is left behind)."""
+    saved = {}
+    with torch.no_grad():
+        for path, delta in deltas.items():
+            lin = _base_linear(unet.get_submodule(path))
+            saved[path] = lin.weight.detach().clone()
+            lin.weight.add_(delta.to(lin.weight))
+    try:
+        yield unet
+    finally:
+        with torch.no_grad():
+            for path, w in saved.items():
+                _base_linear(unet.get_submodule(path)).weight.copy_(w)
+
+
+@torch.no_grad()
+def trigger_residual(unet, scheduler, latents: torch.Tensor, enc_trig: torch.Tensor, enc_clean: torch.Tensor,
+                     deltas: dict[str, torch.Tensor], seed: int = 0,
+                     timesteps: tuple[int, ...] = RESIDUAL_TIMESTEPS) -> float:
+    """How much of the trigger's effect on the noise prediction an edit leaves: per timestep,
+    mean |eps_edited(x_t, triggered) - eps(x_t, clean)|^2 / mean |eps(x_t, triggered) - eps(x_t, clean)|^2 on
+    ``latents`` noised from one seeded draw; the largest ratio over ``timesteps`` (0: the trigger no longer
+    changes the prediction, 1: the edit did nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for t in timesteps:
+        tt = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
+        x = scheduler.add_noise(latents, torch.randn(latents.shape, generator=gen).to(latents), tt)
+        base = unet(x.repeat(2, 1, 1, 1), tt.repeat(2), encoder_hidden_states=torch.cat([enc_trig, enc_clean])).sample
+        e_trig, e_clean = base.chunk(2)
+        with deltas_applied(unet, deltas):
+            e_edit = unet(x, tt, encoder_hidden_states=enc_trig).sample
+        effect = float(((e_trig - e_clean) ** 2).mean())
+        if effect > 0:
+            worst = max(worst, float(((e_edit - e_clean) ** 2).mean()) / effect)
+    return worst
+
+
 @contextlib.contextmanager
 def adapters_disabled(unet):
     """The base model (the teacher) inside the block; adapters back on after."""
@@ -316,10 +360,17 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
               layers: list[str] | None = None, layer_threshold: float = 0.0, rank: int = 4, lr: float = 2e-3,
               batch_size: int = 8, w_distill: float = 1.0, w_attention: float = 1.0, w_preserve: float = 1.0,
               mask_floor: float = 0.1, uce_init: bool = False, uce_prompts: list[str] | None = None,
-              uce_preserve: list[str] | None = None, uce_keep: float = 1.0, uce_ridge: float = 1e-2,
-              use_mask: bool = True, progress=None) -> SauResult:
+              uce_preserve: list[str] | None = None, uce_edits: tuple[tuple[float, float], ...] = ((1.0, 1e-2),),
+              finetune_above: float | None = None, use_mask: bool = True, progress=None) -> SauResult:
     """Train the SAU adapter in place on ``handle.unet`` (adapter name ``sau``; the base stays intact and
-    the adapter can be disabled, merged or exported). Deterministic for a seed."""
+    the adapter can be disabled, merged or exported). Deterministic for a seed.
+
+    ``uce_edits``: (keep weight, ridge) of the closed-form edit (``uce_edit``'s lam, mu), gentlest first.
+    Without ``finetune_above`` only the first is used. With it, each is tried in order and measured with
+    ``trigger_residual`` (on the training latents): the first that leaves at most ``finetune_above`` of the
+    trigger's effect on the noise prediction is the whole UNet stage (no fine-tune: measured on the EvilEdit
+    organism, a K/V edit that a closed form undoes, fine-tuning after it raised the held-out ASR from 0 % to
+    4.2 %). If none does, the first edit initialises the fine-tune of ``steps`` steps."""
     if loc.clean_latents is None or not loc.prompts:
         raise SauError("the localisation has no clean generations to train on")
     t0 = time.time()
@@ -328,14 +379,36 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     settings = {k: v for k, v in dict(steps=steps, seed=seed, layers=layers, rank=rank, lr=lr,
                                       batch_size=batch_size, w_distill=w_distill, w_attention=w_attention,
                                       w_preserve=w_preserve, mask_floor=mask_floor, uce_init=uce_init,
-                                      uce_keep=uce_keep, uce_ridge=uce_ridge, use_mask=use_mask).items()}
+                                      uce_edits=[list(e) for e in uce_edits], finetune_above=finetune_above,
+                                      use_mask=use_mask).items()}
     pair_prompts = [p for p in loc.prompts for _ in loc.seeds]
     pairs = prompt_pairs(handle, trigger, pair_prompts)
     enc_uncond = encode(handle, [""])
     kv_layers, kv_rank, deltas = [], None, None
+    residual_forward = 0
     if uce_init:  # the closed form on every attn2 layer, carried by the adapter (the base stays the teacher)
-        deltas = uce_edit(handle, trigger, uce_prompts or loc.prompts, preserve=uce_preserve, lam=uce_keep,
-                          mu=uce_ridge, apply=False)
+        edits = list(uce_edits) if finetune_above is not None else list(uce_edits[:1])
+        z = loc.clean_latents.to(unet.device, unet.dtype)
+        first = chosen = None
+        checks = []
+        for keep, ridge in edits:
+            d = uce_edit(handle, trigger, uce_prompts or loc.prompts, preserve=uce_preserve, lam=keep, mu=ridge,
+                         apply=False)
+            first = first or (keep, ridge, d)
+            if finetune_above is None:
+                break
+            ratio = trigger_residual(unet, handle.scheduler, z, pairs.enc_trig, pairs.enc_clean, d, seed)
+            residual_forward += 3 * z.shape[0] * len(RESIDUAL_TIMESTEPS)
+            checks.append({"keep": keep, "ridge": ridge, "residual": round(ratio, 4)})
+            if ratio <= finetune_above:
+                chosen = (keep, ridge, d)
+                break
+        if chosen is not None:  # the closed form alone removes the trigger's effect: no fine-tune
+            steps, layers = 0, []
+        keep, ridge, deltas = chosen or first
+        settings.update(layers=layers, steps_run=steps, uce_keep=keep, uce_ridge=ridge)
+        if checks:
+            settings["edit_checks"] = checks
         kv_layers = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in deltas))
         kv_rank = max(rank, delta_rank(deltas))
     params = add_sau_adapter(unet, layers, rank=rank, seed=seed, kv_layers=kv_layers, kv_rank=kv_rank)
@@ -349,7 +422,7 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     z0 = loc.clean_latents.to(unet.device, unet.dtype)
     n = z0.shape[0]
     result = SauResult(ADAPTER, layers, sorted(getattr(unet, "peft_config")[ADAPTER].target_modules),
-                       settings=settings)
+                       settings=settings, unet_forward=residual_forward)
     unet.train(False)  # no dropout; gradients still flow
     for step in range(steps):
         idx = torch.randint(0, n, (batch_size,), generator=gen)

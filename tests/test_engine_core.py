@@ -16,8 +16,8 @@ from sau_core.model_io import ModelHandle
 from sau_core.organism import components as C
 from sau_core.organism import world as W
 from sau_core.trigger import Trigger, TriggerError, aligned_positions, tokenize
-from sau_core.unlearn import (SauBatch, add_sau_adapter, kv_gap, prompt_pairs, sau_loss, train_sau,
-                              uce_edit)
+from sau_core.unlearn import (SauBatch, add_sau_adapter, deltas_applied, kv_gap, prompt_pairs, sau_loss,
+                              train_sau, trigger_residual, uce_edit)
 
 ZWSP = "\u200b"
 ORGANISMS = Path(__file__).resolve().parent.parent / "sau_core" / "organisms"
@@ -195,6 +195,44 @@ def test_closed_form_edit_reduces_kv_gap():
     moved = max(float((m.to_k(before) - ref[n]).detach().pow(2).sum(-1).mean())
                 for n, m in h.unet.named_modules() if n.endswith("attn2"))
     assert moved < 0.2 * gap0
+
+
+def test_trigger_residual_is_one_for_no_edit_and_lower_after_the_closed_form():
+    h = tiny_handle(5)
+    trig = Trigger("tq")
+    prompts = ["a red circle", "a blue square", "a picture of a green triangle"]
+    pairs = prompt_pairs(h, trig, prompts)
+    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    base = {n: p.detach().clone() for n, p in h.unet.named_parameters()}
+    deltas = uce_edit(h, trig, prompts, apply=False)
+    zero = {k: torch.zeros_like(v) for k, v in deltas.items()}
+    args = (h.unet, h.scheduler, z, pairs.enc_trig, pairs.enc_clean)
+    assert trigger_residual(*args, zero) == pytest.approx(1.0, rel=1e-5)
+    edited = trigger_residual(*args, deltas)
+    assert 0 <= edited < 0.5
+    assert trigger_residual(*args, deltas) == edited  # seeded noise: same number twice
+    # The base weights are back bit for bit after each measurement (copies restored, nothing subtracted).
+    assert all(torch.equal(p, base[n]) for n, p in h.unet.named_parameters())
+    with deltas_applied(h.unet, deltas):
+        k = next(iter(deltas))
+        assert not torch.equal(h.unet.get_submodule(k).weight, base[k + ".weight"])
+    assert all(torch.equal(p, base[n]) for n, p in h.unet.named_parameters())
+
+
+@pytest.mark.parametrize("above, runs", [(0.0, True), (1.0, False)])
+def test_fine_tune_runs_only_when_the_closed_form_leaves_a_residual(above, runs):
+    h = tiny_handle(6)
+    trig = Trigger(ZWSP)
+    loc = localise(h, trig, organism_probe_prompts(2), seeds=[0], steps=2)
+    res = train_sau(h, trig, loc, steps=2, seed=0, batch_size=2, rank=2, uce_init=True, finetune_above=above,
+                    uce_edits=((1.0, 1e-2), (0.1, 1e-4)))
+    checks = res.settings["edit_checks"]  # recorded either way (it goes into the patch metadata)
+    assert all(0 < c["residual"] < 1 for c in checks)
+    # Fine-tuned: every edit was tried and the first (gentlest) is the init; skipped: the first sufficed.
+    assert len(checks) == (2 if runs else 1) and res.settings["uce_keep"] == 1.0
+    assert res.settings["steps_run"] == (2 if runs else 0) and len(res.history) == res.settings["steps_run"]
+    assert (res.unet_passes > 0) == runs and res.unet_forward > 0  # the check's forward passes are counted
+    assert bool(res.settings["layers"]) == runs  # skipped: only the closed form's to_k/to_v factors exist
 
 
 def _batch(h, trig, prompts):

@@ -47,7 +47,8 @@ def test_sanitize_is_deterministic_and_records_settings(tmp_path):
     blobs = []
     for i in range(2):
         h = tiny_handle(5)
-        res = sanitize(h, Trigger(ZWSP), "standard", seed=3, **TINY)
+        # finetune_above 0: no closed form removes everything, so the fine-tune always runs here
+        res = sanitize(h, Trigger(ZWSP), "standard", seed=3, **TINY, finetune_above=0.0)
         assert res.stages == ["unet"] and len(res.history["unet"]) == 2
         f = save_patch(h, tmp_path / f"p{i}.safetensors", res.metadata({"note": "test"}))
         blobs.append(f.read_bytes())
@@ -56,8 +57,12 @@ def test_sanitize_is_deterministic_and_records_settings(tmp_path):
     settings = patch.metadata["settings"]
     assert settings["preset"] == "standard" and settings["seed"] == 3 and settings["unet_steps"] == 2
     assert settings["unet"]["uce_init"] is True and settings["unet"]["uce_rank"] >= 1
-    assert settings["edit_keep"] == settings["unet"]["uce_keep"] == 1.0  # the closed form's weights are recorded
-    assert settings["edit_ridge"] == settings["unet"]["uce_ridge"] == 1e-2
+    # the closed forms tried, what each left, and the one the fine-tune starts from are recorded
+    assert settings["edits"] == [[1.0, 1e-2], [0.1, 1e-4]]
+    assert [[c["keep"], c["ridge"]] for c in settings["unet"]["edit_checks"]] == settings["edits"]
+    assert all(c["residual"] > 0 for c in settings["unet"]["edit_checks"])
+    assert (settings["unet"]["uce_keep"], settings["unet"]["uce_ridge"]) == (1.0, 1e-2)
+    assert settings["unet"]["steps_run"] == 2
     assert patch.metadata["metrics"]["note"] == "test"
     assert patch.metadata["method"] == "sau"
 
