@@ -59,7 +59,7 @@ class Preset:
 
 PRESETS = {
     "fast": Preset(probes=12, seeds=(0,), loc_steps=8, te_steps=100, unet_steps=0),
-    "standard": Preset(probes=16, seeds=(0, 1), loc_steps=10, te_steps=200, unet_steps=30),
+    "standard": Preset(probes=16, seeds=(0, 1), loc_steps=10, te_steps=300, unet_steps=30),
     "thorough": Preset(probes=24, seeds=(0, 1, 2), loc_steps=10, te_steps=400, unet_steps=120),
 }
 
@@ -147,7 +147,7 @@ def sanitize(handle, trigger: Trigger, preset_name: str = "standard", *, seed: i
     ``overrides`` replace preset fields (bench and tests)."""
     from dataclasses import replace
 
-    from .unlearn import train_sau
+    from .unlearn import prompt_pairs, train_sau
     from .unlearn_text import text_encoder_shift, train_text_encoder
 
     if handle.is_xl:
@@ -174,7 +174,10 @@ def sanitize(handle, trigger: Trigger, preset_name: str = "standard", *, seed: i
     t1 = time.time()
     shift = text_encoder_shift(handle, trigger, probes)
     stages, history = [], {}
+    enc_trig_before = None
     if shift.poisoned and p.te_steps > 0:
+        # the trigger's whole effect, for the UNet stage's residual check (unlearn.trigger_residual)
+        enc_trig_before = prompt_pairs(handle, trigger, [q for q in loc.prompts for _ in loc.seeds]).enc_trig
         te = train_text_encoder(handle, trigger, edit_prompts, steps=p.te_steps, seed=seed, w_preserve=p.te_w_preserve,
                                 progress=lambda d, n, _h: report("text encoder", d, n))
         stages.append("text_encoder")
@@ -190,7 +193,7 @@ def sanitize(handle, trigger: Trigger, preset_name: str = "standard", *, seed: i
                     batch_size=p.batch_size, lr=p.lr, w_distill=p.w_distill, w_attention=p.w_attention,
                     w_preserve=p.w_preserve, uce_init=True, uce_prompts=edit_prompts,
                     uce_preserve=preserve_prompts(handle, p.edit_prompts, prompts), uce_edits=p.edits,
-                    finetune_above=p.finetune_above,
+                    finetune_above=p.finetune_above, enc_trig_before=enc_trig_before,
                     progress=lambda d, n, _t: report("unet", d, n))
     stages.append("unet")
     history["unet"] = res.history

@@ -16,6 +16,8 @@
 * ``train_sau``: LoRA (peft) on the attn2 projections (to_q, to_k, to_v, to_out.0) of the layers the
   localisation scores, trained with ``sau_loss`` on noised latents from the model's own clean generations
   (the localisation's clean runs), timesteps drawn where the trigger acts most. Deterministic for a seed.
+  With ``finetune_above``, closed-form edits are tried first and measured with ``trigger_residual``; one
+  that removes the trigger's effect on the noise prediction is the whole stage (no fine-tune).
 """
 from __future__ import annotations
 
@@ -231,17 +233,21 @@ def deltas_applied(unet, deltas: dict[str, torch.Tensor]):
 @torch.no_grad()
 def trigger_residual(unet, scheduler, latents: torch.Tensor, enc_trig: torch.Tensor, enc_clean: torch.Tensor,
                      deltas: dict[str, torch.Tensor], seed: int = 0,
-                     timesteps: tuple[int, ...] = RESIDUAL_TIMESTEPS) -> float:
+                     timesteps: tuple[int, ...] = RESIDUAL_TIMESTEPS,
+                     enc_trig_before: torch.Tensor | None = None) -> float:
     """How much of the trigger's effect on the noise prediction an edit leaves: per timestep,
     mean |eps_edited(x_t, triggered) - eps(x_t, clean)|^2 / mean |eps(x_t, triggered) - eps(x_t, clean)|^2 on
     ``latents`` noised from one seeded draw; the largest ratio over ``timesteps`` (0: the trigger no longer
-    changes the prediction, 1: the edit did nothing)."""
+    changes the prediction, 1: the edit did nothing). ``enc_trig_before``: the triggered prompts' encodings
+    before an earlier stage changed the text encoder; the effect is then the trigger's whole effect, so the
+    ratio says what is left after both stages."""
+    enc_effect = enc_trig if enc_trig_before is None else enc_trig_before.to(enc_trig)
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
     for t in timesteps:
         tt = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
         x = scheduler.add_noise(latents, torch.randn(latents.shape, generator=gen).to(latents), tt)
-        base = unet(x.repeat(2, 1, 1, 1), tt.repeat(2), encoder_hidden_states=torch.cat([enc_trig, enc_clean])).sample
+        base = unet(x.repeat(2, 1, 1, 1), tt.repeat(2), encoder_hidden_states=torch.cat([enc_effect, enc_clean])).sample
         e_trig, e_clean = base.chunk(2)
         with deltas_applied(unet, deltas):
             e_edit = unet(x, tt, encoder_hidden_states=enc_trig).sample
@@ -361,7 +367,8 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
               batch_size: int = 8, w_distill: float = 1.0, w_attention: float = 1.0, w_preserve: float = 1.0,
               mask_floor: float = 0.1, uce_init: bool = False, uce_prompts: list[str] | None = None,
               uce_preserve: list[str] | None = None, uce_edits: tuple[tuple[float, float], ...] = ((1.0, 1e-2),),
-              finetune_above: float | None = None, use_mask: bool = True, progress=None) -> SauResult:
+              finetune_above: float | None = None, enc_trig_before: torch.Tensor | None = None,
+              use_mask: bool = True, progress=None) -> SauResult:
     """Train the SAU adapter in place on ``handle.unet`` (adapter name ``sau``; the base stays intact and
     the adapter can be disabled, merged or exported). Deterministic for a seed.
 
@@ -370,7 +377,8 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     ``trigger_residual`` (on the training latents): the first that leaves at most ``finetune_above`` of the
     trigger's effect on the noise prediction is the whole UNet stage (no fine-tune: measured on the EvilEdit
     organism, a K/V edit that a closed form undoes, fine-tuning after it raised the held-out ASR from 0 % to
-    4.2 %). If none does, the first edit initialises the fine-tune of ``steps`` steps."""
+    4.2 %). If none does, the first edit initialises the fine-tune of ``steps`` steps. ``enc_trig_before``:
+    the training pairs' triggered encodings before the text-encoder stage (see ``trigger_residual``)."""
     if loc.clean_latents is None or not loc.prompts:
         raise SauError("the localisation has no clean generations to train on")
     t0 = time.time()
@@ -397,7 +405,8 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
             first = first or (keep, ridge, d)
             if finetune_above is None:
                 break
-            ratio = trigger_residual(unet, handle.scheduler, z, pairs.enc_trig, pairs.enc_clean, d, seed)
+            ratio = trigger_residual(unet, handle.scheduler, z, pairs.enc_trig, pairs.enc_clean, d, seed,
+                                     enc_trig_before=enc_trig_before)
             residual_forward += 3 * z.shape[0] * len(RESIDUAL_TIMESTEPS)
             checks.append({"keep": keep, "ridge": ridge, "residual": round(ratio, 4)})
             if ratio <= finetune_above:
