@@ -52,7 +52,9 @@ class Preset:
     # 0.1 / 1e-4 0 % (residual 0.007). Fine-tuning after 0.1 / 1e-4 brought it back to 4.2 %; as the fine-tune's
     # init, 0.1 / 1e-4 cost BadT2I pixel 3.5 points of ASR and Rickrolling TAA 3.4 points of clean accuracy,
     # so the fine-tune keeps starting from 1 / 1e-2. Residuals of 0.1 / 1e-4 on the other organisms: BadT2I
-    # style 0.005, pixel 0.034, object 0.082, Rickrolling TAA 0.44, TPA 0.68 (after the text-encoder stage).
+    # style 0.005, pixel 0.034, object 0.082, Rickrolling TAA 0.44, TPA 0.68 (after the text-encoder stage,
+    # against the trigger's effect left by it). Measured against the trigger's whole effect (before that
+    # stage, as now), with 300 text-encoder steps, the gentle edit leaves TPA 0.0018 and TAA 0.0035.
     edits: tuple[tuple[float, float], ...] = ((1.0, 1e-2), (0.1, 1e-4))
     finetune_above: float | None = 0.02
 
