@@ -47,9 +47,10 @@ class Preset:
     # Each is measured with unlearn.trigger_residual; the first that leaves at most ``finetune_above`` of the
     # trigger's effect on the noise prediction is the whole UNet stage, otherwise the first initialises the
     # fine-tune (unlearn.train_sau). The keep rows (every clean prompt's 77 states, padding included)
-    # outnumber the triggered rows about 4:1. Measured one-off (held-out prompts x 4 seeds), the closed form
-    # alone on the EvilEdit organism: lam 1 / mu 1e-2 ASR 29.2 %; 0.1 / 1e-3 8.3 %; with the standard probes
-    # 0.1 / 1e-4 0 % (residual 0.007). Fine-tuning after 0.1 / 1e-4 brought it back to 4.2 %; as the fine-tune's
+    # outnumber the triggered rows about 4:1. Measured one-off (held-out prompts x 4 seeds), one closed form
+    # alone with the fast preset's probes, ASR on EvilEdit / BadT2I object: lam 1 / mu 1e-2 8.3 / 6.2 %;
+    # 1 / 1e-4 6.2 / 2.1 %; 0.1 / 1e-3 2.1 % on EvilEdit; 0.1 / 1e-4 0 / 2.1 %; 0.01 / 1e-4 0 / 43.8 %. With the
+    # standard probes, 0.1 / 1e-4 alone: EvilEdit 0 % (residual 0.007). Fine-tuning after 0.1 / 1e-4 brought it back to 4.2 %; as the fine-tune's
     # init, 0.1 / 1e-4 cost BadT2I pixel 3.5 points of ASR and Rickrolling TAA 3.4 points of clean accuracy,
     # so the fine-tune keeps starting from 1 / 1e-2. Residuals of 0.1 / 1e-4 on the other organisms: BadT2I
     # style 0.005, pixel 0.034, object 0.082, Rickrolling TAA 0.44, TPA 0.68 (after the text-encoder stage,
