@@ -103,18 +103,22 @@ def kv_gap(handle, trigger: Trigger, prompts: list[str], layers: list[str] | Non
 
 
 @torch.no_grad()
-def uce_edit(handle, trigger: Trigger, prompts: list[str], preserve: list[str] | None = None,
-             layers: list[str] | None = None, lam: float = 1.0, mu: float = 1e-2,
-             apply: bool = True, trigger_only: bool = False) -> dict[str, torch.Tensor]:
-    """The closed-form K/V edit (see module doc). Returns {module path: weight delta}; ``apply`` adds the
-    deltas to the UNet's weights in place. ``trigger_only``: edit only the trigger tokens' own states (UCE as
-    published: the concept's tokens -> a neutral target), not the positions after them that a causal text
-    encoder also changed."""
+def edit_rows(handle, trigger: Trigger, prompts: list[str], preserve: list[str] | None = None,
+              trigger_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The closed-form edit's rows (float64): triggered states, their clean targets, and the states to keep
+    (see module doc). Computed once, they serve every (lam, mu) tried."""
     pairs = prompt_pairs(handle, trigger, prompts)
     c_src, c_dst = _aligned_rows(handle, trigger, pairs, trigger_only)
     keep_prompts = list(prompts) + [""] + list(preserve or [])
     c_keep = encode(handle, keep_prompts).flatten(0, 1)
-    c_src, c_dst, c_keep = c_src.double(), c_dst.double(), c_keep.double()
+    return c_src.double(), c_dst.double(), c_keep.double()
+
+
+@torch.no_grad()
+def solve_edit(handle, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor], layers: list[str] | None = None,
+               lam: float = 1.0, mu: float = 1e-2, apply: bool = True) -> dict[str, torch.Tensor]:
+    """{module path: weight delta} of the closed form on ``edit_rows``; ``apply`` adds them in place."""
+    c_src, c_dst, c_keep = rows
     d = c_src.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
     lhs = c_src.T @ c_src + lam * c_keep.T @ c_keep + mu * eye  # (D, D), symmetric
@@ -132,6 +136,17 @@ def uce_edit(handle, trigger: Trigger, prompts: list[str], preserve: list[str] |
             if apply:
                 lin.weight.add_(delta)
     return deltas
+
+
+def uce_edit(handle, trigger: Trigger, prompts: list[str], preserve: list[str] | None = None,
+             layers: list[str] | None = None, lam: float = 1.0, mu: float = 1e-2,
+             apply: bool = True, trigger_only: bool = False) -> dict[str, torch.Tensor]:
+    """The closed-form K/V edit (see module doc). Returns {module path: weight delta}; ``apply`` adds the
+    deltas to the UNet's weights in place. ``trigger_only``: edit only the trigger tokens' own states (UCE as
+    published: the concept's tokens -> a neutral target), not the positions after them that a causal text
+    encoder also changed."""
+    rows = edit_rows(handle, trigger, prompts, preserve, trigger_only)
+    return solve_edit(handle, rows, layers, lam, mu, apply)
 
 
 # --------------------------------------------------------------------------------------------- adapters
@@ -392,22 +407,21 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     pair_prompts = [p for p in loc.prompts for _ in loc.seeds]
     pairs = prompt_pairs(handle, trigger, pair_prompts)
     enc_uncond = encode(handle, [""])
+    z0 = loc.clean_latents.to(unet.device, unet.dtype)
     kv_layers, kv_rank, deltas = [], None, None
     residual_forward = 0
     if uce_init:  # the closed form on every attn2 layer, carried by the adapter (the base stays the teacher)
-        edits = list(uce_edits) if finetune_above is not None else list(uce_edits[:1])
-        z = loc.clean_latents.to(unet.device, unet.dtype)
+        rows = edit_rows(handle, trigger, uce_prompts or loc.prompts, uce_preserve)
         first = chosen = None
         checks = []
-        for keep, ridge in edits:
-            d = uce_edit(handle, trigger, uce_prompts or loc.prompts, preserve=uce_preserve, lam=keep, mu=ridge,
-                         apply=False)
+        for keep, ridge in uce_edits:
+            d = solve_edit(handle, rows, lam=keep, mu=ridge, apply=False)
             first = first or (keep, ridge, d)
-            if finetune_above is None:
+            if finetune_above is None:  # only the first edit, unmeasured
                 break
-            ratio = trigger_residual(unet, handle.scheduler, z, pairs.enc_trig, pairs.enc_clean, d, seed,
+            ratio = trigger_residual(unet, handle.scheduler, z0, pairs.enc_trig, pairs.enc_clean, d, seed,
                                      enc_trig_before=enc_trig_before)
-            residual_forward += 3 * z.shape[0] * len(RESIDUAL_TIMESTEPS)
+            residual_forward += 3 * z0.shape[0] * len(RESIDUAL_TIMESTEPS)
             checks.append({"keep": keep, "ridge": ridge, "residual": round(ratio, 4)})
             if ratio <= finetune_above:
                 chosen = (keep, ridge, d)
@@ -428,7 +442,6 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     gen = torch.Generator().manual_seed(seed)
     ts, probs = timestep_weights(loc)
     sched = handle.scheduler
-    z0 = loc.clean_latents.to(unet.device, unet.dtype)
     n = z0.shape[0]
     result = SauResult(ADAPTER, layers, sorted(getattr(unet, "peft_config")[ADAPTER].target_modules),
                        settings=settings, unet_forward=residual_forward)
