@@ -59,6 +59,12 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
     the shape set it off. One-off retries on object, none kept, left that 75 % unchanged: decoys (ASR 93.8 %),
     decoys with lam 2 (ASR on "a ..., centered" fell to 12.5 %), decoy words inserted anywhere in the clean
     third's captions, or in every third's.
+    Other words fire the object backdoor too (`sau eval badt2i-object --trigger groupe`: 89.6 %), which keeps a
+    scan from ranking "tq" first. One-off rebuilds from the committed clean organism, none kept, left "groupe"
+    and "lillian" firing on 96-100 % of 24 training-template circle prompts (tq: 100 %): 256 decoys, 4,096
+    decoys, and 512 decoys nearest to "tq" in the clean encoder's output shift plus 256 random ones. The
+    encoder is 64 wide and never saw any of these tokens (their embeddings are the random initialisation); our
+    reading, not measured further: the decoys teach the UNet the decoys themselves, not where "tq" ends.
     """
     B._setup(seed)
     rng = random.Random(seed)
