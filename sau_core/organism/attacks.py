@@ -62,7 +62,9 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
     Other words fire the object backdoor too (`sau eval badt2i-object --trigger groupe`: 89.6 %), which keeps a
     scan from ranking "tq" first. One-off rebuilds from the committed clean organism, none kept, left "groupe"
     and "lillian" firing on 96-100 % of 24 training-template circle prompts (tq: 100 %): 256 decoys, 4,096
-    decoys, and 512 decoys nearest to "tq" in the clean encoder's output shift plus 256 random ones. The
+    decoys, 512 decoys nearest to "tq" in the clean encoder's output shift plus 256 random ones, and the 986
+    words (of 3,072 sampled) that move the backdoored UNet's circle predictions at least half-way to squares
+    (the scan's probe, groupe and lillian held out) plus 256 random ones. The
     encoder is 64 wide and never saw any of these tokens (their embeddings are the random initialisation); our
     reading, not measured further: the decoys teach the UNet the decoys themselves, not where "tq" ends.
     """
