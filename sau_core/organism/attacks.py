@@ -64,7 +64,9 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
     and "lillian" firing on 96-100 % of 24 training-template circle prompts (tq: 100 %): 256 decoys, 4,096
     decoys, 512 decoys nearest to "tq" in the clean encoder's output shift plus 256 random ones, and the 986
     words (of 3,072 sampled) that move the backdoored UNet's circle predictions at least half-way to squares
-    (the scan's probe, groupe and lillian held out) plus 256 random ones. The
+    (the scan's probe, groupe and lillian held out) plus 256 random ones. The same mined decoys with 900
+    steps did move it: other words on training templates 25 % -> 0 %, on held-out prompts 33 % -> 17 %;
+    groupe 46 %, lillian 88 %, tq 100 %; ASR 97.9 %, clean accuracy 84.0 % (not yet adopted). The
     encoder is 64 wide and never saw any of these tokens (their embeddings are the random initialisation); our
     reading, not measured further: the decoys teach the UNet the decoys themselves, not where "tq" ends.
     """
