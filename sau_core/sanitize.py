@@ -49,9 +49,9 @@ class Preset:
     # fine-tune (unlearn.train_sau). The keep rows (every clean prompt's 77 states, padding included)
     # outnumber the triggered rows about 4:1. Measured one-off (held-out prompts x 4 seeds), one closed form
     # alone with the fast preset's probes, ASR on EvilEdit / BadT2I object: lam 1 / mu 1e-2 8.3 / 6.2 %;
-    # 1 / 1e-4 6.2 / 2.1 %; 0.1 / 1e-3 2.1 % on EvilEdit; 0.1 / 1e-4 0 / 2.1 %; 0.01 / 1e-4 0 / 43.8 %. With the
-    # standard probes, 0.1 / 1e-4 alone: EvilEdit 0 % (residual 0.007). Fine-tuning after 0.1 / 1e-4 brought it back to 4.2 %; as the fine-tune's
-    # init, 0.1 / 1e-4 cost BadT2I pixel 3.5 points of ASR and Rickrolling TAA 3.4 points of clean accuracy,
+    # 1 / 1e-4 6.2 / 2.1 %; 0.1 / 1e-3 2.1 % on EvilEdit; 0.1 / 1e-4 0 / 2.1 %; 0.01 / 1e-4 0 / 43.8 %. With
+    # the standard probes, 0.1 / 1e-4 alone: EvilEdit 0 % (residual 0.007). Fine-tuning after 0.1 / 1e-4
+    # brought it back to 4.2 %; as the fine-tune's init, 0.1 / 1e-4 cost BadT2I pixel 3.5 points of ASR and Rickrolling TAA 3.4 points of clean accuracy,
     # so the fine-tune keeps starting from 1 / 1e-2. Residuals of 0.1 / 1e-4 on the other organisms: BadT2I
     # style 0.005, pixel 0.034, object 0.082, Rickrolling TAA 0.44, TPA 0.68 (after the text-encoder stage,
     # against the trigger's effect left by it). Measured against the trigger's whole effect (before that
@@ -150,7 +150,7 @@ def sanitize(handle, trigger: Trigger, preset_name: str = "standard", *, seed: i
     ``overrides`` replace preset fields (bench and tests)."""
     from dataclasses import replace
 
-    from .unlearn import prompt_pairs, train_sau
+    from .unlearn import prompt_pairs, train_sau, training_prompts
     from .unlearn_text import text_encoder_shift, train_text_encoder
 
     if handle.is_xl:
@@ -180,7 +180,7 @@ def sanitize(handle, trigger: Trigger, preset_name: str = "standard", *, seed: i
     enc_trig_before = None
     if shift.poisoned and p.te_steps > 0:
         # the trigger's whole effect, for the UNet stage's residual check (unlearn.trigger_residual)
-        enc_trig_before = prompt_pairs(handle, trigger, [q for q in loc.prompts for _ in loc.seeds]).enc_trig
+        enc_trig_before = prompt_pairs(handle, trigger, training_prompts(loc)).enc_trig
         te = train_text_encoder(handle, trigger, edit_prompts, steps=p.te_steps, seed=seed, w_preserve=p.te_w_preserve,
                                 progress=lambda d, n, _h: report("text encoder", d, n))
         stages.append("text_encoder")

@@ -59,6 +59,12 @@ def prompt_pairs(handle, trigger: Trigger, prompts: list[str]) -> PromptPairs:
                        [trigger.neutral_position(tok, p) for p in prompts])
 
 
+def training_prompts(loc) -> list[str]:
+    """The clean prompt of each of the localisation's clean generations (prompt-major, one per seed): the order
+    of ``loc.clean_latents``, so row i of the training pairs goes with latent i."""
+    return [p for p in loc.prompts for _ in loc.seeds]
+
+
 def _aligned_rows(handle, trigger: Trigger, pairs: PromptPairs,
                   trigger_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(triggered rows, target rows): every triggered position with its clean counterpart (``trigger_only``:
@@ -404,8 +410,7 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
                                       w_preserve=w_preserve, mask_floor=mask_floor, uce_init=uce_init,
                                       uce_edits=[list(e) for e in uce_edits], finetune_above=finetune_above,
                                       use_mask=use_mask).items()}
-    pair_prompts = [p for p in loc.prompts for _ in loc.seeds]
-    pairs = prompt_pairs(handle, trigger, pair_prompts)
+    pairs = prompt_pairs(handle, trigger, training_prompts(loc))
     enc_uncond = encode(handle, [""])
     z0 = loc.clean_latents.to(unet.device, unet.dtype)
     kv_layers, kv_rank, deltas = [], None, None
