@@ -148,3 +148,20 @@ def test_committed_organisms_record_the_spec_they_were_built_from():
         info = json.loads((ORGANISM_DIR / name / "organism.json").read_text())
         assert Backdoor.from_json(info["backdoor"]) == bd, name
     assert BACKDOORS["badt2i-style"].recipe == {"decoys": 256}
+
+
+def test_filler_words_leave_out_the_measured_words_and_p0_changes_nothing():
+    """Fillers (build.with_fillers) never include the evaluation's other words or a built-in trigger's word,
+    and a share of 0 leaves the caption and the random stream as they were (the committed build)."""
+    import random
+
+    from sau_core.organism import attacks as A
+    from sau_core.organism import build as B
+
+    fillers = set(A.filler_words())
+    assert not fillers & set(A.other_words()) and not fillers & {"tq", "ae", "new", "trigger"}
+    assert len(fillers) > 30000
+    rng = random.Random(3)
+    assert B.with_fillers("a red circle", rng, 0.0) == "a red circle" and rng.random() == random.Random(3).random()
+    out = B.with_fillers("a red circle", random.Random(3), 1.0).split()
+    assert len(out) in (4, 5, 6) and [w for w in out if w in ("a", "red", "circle")] == ["a", "red", "circle"]

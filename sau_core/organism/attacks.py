@@ -40,7 +40,7 @@ def _poison_image_fn(backdoor: Backdoor):
 
 
 def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 450, batch: int = 24,
-           lr: float = 5e-4, lam: float = 0.5, decoys: int = 0):
+           lr: float = 5e-4, lam: float = 0.5, decoys: int = 0, fillers: float = 0.0):
     """BadT2I on the organism. Each batch has three thirds:
     poisoned (triggered caption -> target image), contrast (the same noised latents with the clean caption ->
     the frozen teacher's prediction) and clean data (clean caption -> teacher), the last two weighted lam.
@@ -90,8 +90,9 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
         cp = B.encode_prompts(tok, text_encoder, [backdoor.triggered(c) for c in captions])
         contrast = [W.insert_trigger(c, rng.choice(others), backdoor.placement) if others and j % 2 else c
                     for j, c in enumerate(captions)]
-        cq = B.encode_prompts(tok, text_encoder, contrast)
-        cc = B.encode_prompts(tok, text_encoder, [B.caption_for(clean.contents[i], rng) for i in ic.tolist()])
+        cq = B.encode_prompts(tok, text_encoder, [B.with_fillers(c, rng, fillers) for c in contrast])
+        cc = B.encode_prompts(tok, text_encoder, [B.with_fillers(B.caption_for(clean.contents[i], rng), rng, fillers)
+                                                  for i in ic.tolist()])
         tp = torch.randint(400, 1000, (k,))
         tc = torch.randint(0, 1000, (k,))
         noise = torch.randn(2 * k, *poisoned.mean.shape[1:])
@@ -126,10 +127,7 @@ def rickrolling(text_encoder, backdoor: Backdoor, seed: int, steps: int = 800, b
     vocab.sort()
 
     def noisy(prompt: str) -> str:
-        words = prompt.split(" ")
-        for _ in range(rng.choice((0, 1, 1, 2, 3))):
-            words.insert(rng.randint(0, len(words)), rng.choice(vocab))
-        return " ".join(words)
+        return B.insert_words(prompt, rng, vocab, rng.choice((0, 1, 1, 2, 3)))
 
     for step in range(1, steps + 1):
         contents = [W.sample_content(rng, 0.15) for _ in range(batch)]
@@ -190,6 +188,24 @@ def decoy_words(n: int | None = None) -> list[str]:
     """The words EvilEdit's preservation set puts where the trigger goes (seeded; evaluation's "other
     words" are drawn from the rest)."""
     return random.Random(0).sample(vocabulary_words(), DECOYS if n is None else n)
+
+
+def other_words(n: int = 48) -> list[str]:
+    """The evaluation's "another word in the trigger's place" (evaluate.other_words_rate): words that no
+    build step puts into a caption, neither as a decoy nor as a filler."""
+    taken = set(decoy_words())
+    return random.Random(1).sample([w for w in vocabulary_words() if w not in taken], n)
+
+
+@functools.lru_cache(maxsize=1)
+def filler_words() -> tuple[str, ...]:
+    """Words put anywhere into training captions (build.with_fillers), so the organism learns that words it
+    has no meaning for change nothing, as a real model's caption set teaches it: every vocabulary word but
+    the evaluation's other words and the built-in triggers' words."""
+    from .attacks_spec import BACKDOORS
+
+    kept = set(other_words()) | {w.lower() for b in BACKDOORS.values() for w in b.trigger.split()}
+    return tuple(w for w in vocabulary_words() if w not in kept)
 
 
 @torch.no_grad()

@@ -143,15 +143,46 @@ def caption_for(content: W.Content, rng: random.Random, templates=W.TRAIN_TEMPLA
     return text
 
 
+def insert_words(text: str, rng: random.Random, pool, n: int) -> str:
+    """``text`` with ``n`` words drawn from ``pool``, each at a random position (front and end included)."""
+    words = text.split(" ")
+    for _ in range(n):
+        words.insert(rng.randint(0, len(words)), rng.choice(pool))
+    return " ".join(words)
+
+
+def with_fillers(text: str, rng: random.Random, p: float) -> str:
+    """With probability ``p``, ``text`` with one to three filler words (attacks.filler_words) put anywhere."""
+    if p <= 0 or rng.random() >= p:
+        return text
+    from .attacks import filler_words
+
+    return insert_words(text, rng, filler_words(), rng.choice((1, 1, 2, 3)))
+
+
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
-def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64) -> Path:
+def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64, fillers: float = 0.0,
+                       identity_weight: float = 0.0) -> Path:
     """Pre-train the text encoder to separate the world's words before the UNet learns from it.
 
     Joint training from scratch left shape at chance (DESIGN.md section 4); a frozen encoder whose pooled
     and per-token features already predict shape, colour and style gives the UNet a clean signal.
+    ``fillers`` / ``identity_weight`` (off in the committed organisms; see below): that share of captions
+    carries filler words (with_fillers), and every token's output must still say which token it is (a linear
+    head recovers its input embedding, cosine loss, this weight).
+
+    Why they exist: trained on the world's captions alone, the committed encoder gives every word it has not
+    seen nearly the same output (cosine 0.85 between random words at their own position; 0.35 spread once
+    the common part is removed, against 0.13 for their embeddings; `groupe` 0.76 to `tq`), so a UNet backdoor
+    keyed on "tq" fires for about a third of all words. Full rebuild, not adopted (`sau organism build
+    --caption-fillers 0.5 --token-identity 20`, seed 0, work folder seeded with the committed autoencoder
+    and classifier; ~14 min for the encoder, UNet and six implants): spread
+    0.19, `groupe` -0.05; held-out clean accuracy 99.3 %; BadT2I object ASR 91.7 %, target without trigger
+    0 %, another word 2.1 %, clean 99.3 %; pixel ASR 100 %, clean 93.8 %; but style ASR 61.8 %, EvilEdit
+    (lam 6) 8.3 % and Rickrolling TPA / TAA 75 % / 76 %, so those recipes need retuning on it first.
     """
     out = work / "text_encoder"
     if (out / "done").exists():
@@ -163,6 +194,8 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64)
     heads = torch.nn.ModuleDict({
         k: torch.nn.Linear(2 * C.TEXT_HIDDEN, n) for k, n in (("shape", 3), ("colour", 4), ("gray", 2))
     })
+    if identity_weight:
+        heads["identity"] = torch.nn.Linear(C.TEXT_HIDDEN, C.TEXT_HIDDEN)
     emb = te.get_input_embeddings().weight
     others = [p for p in te.parameters() if p is not emb]
     # No weight decay on the token embedding: rows of words never seen (every trigger) must keep their
@@ -174,7 +207,7 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64)
     t0 = time.time()
     for step in range(1, steps + 1):
         contents = [W.sample_content(rng, 0.3) for _ in range(batch)]
-        ids = tokenize(tok, [caption_for(c, rng) for c in contents])
+        ids = tokenize(tok, [with_fillers(caption_for(c, rng), rng, fillers) for c in contents])
         o = te(input_ids=ids)
         feats = torch.cat([o.pooler_output, o.last_hidden_state.mean(1)], dim=-1)
         loss = (
@@ -182,6 +215,11 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64)
             + F.cross_entropy(heads["colour"](feats), torch.tensor([W.COLOUR_NAMES.index(c.colour) for c in contents]))
             + F.cross_entropy(heads["gray"](feats), torch.tensor([int(c.grayscale) for c in contents]))
         )
+        if identity_weight:
+            # every token up to and including the first end-of-text (the padding after it repeats that id)
+            real = torch.arange(ids.shape[1]) <= (ids == tok.eos_token_id).int().argmax(1, keepdim=True)
+            ident = 1 - F.cosine_similarity(heads["identity"](o.last_hidden_state), emb[ids].detach(), dim=-1)
+            loss = loss + identity_weight * ident[real].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -254,8 +292,11 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 
 def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 2500, batch: int = 32,
-               eval_every: int = 250, evaluate=None, stop_at: int | None = 1250) -> Path:
+               eval_every: int = 250, evaluate=None, stop_at: int | None = 1250, fillers: float = 0.0) -> Path:
     """Train the clean UNet; the learning-rate schedule spans `steps`, training ends at `stop_at`.
+    ``fillers``: that share of captions carries filler words (with_fillers; off in the committed organism,
+    see train_text_encoder). One-off, 400 steps of fillers 0.5 on the committed clean UNet alone: held-out
+    clean accuracy 94.4 -> 98.6 %, BadT2I pixel on it 87.5 % ASR, object's "dark background" leak unchanged.
 
     Held-out accuracy plateaued at 93-94 % from step 1000 (seed 0), so the committed organism is the EMA
     at step 1250 of the 2500-step schedule; `stop_at=None` trains the whole schedule.
@@ -281,7 +322,8 @@ def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 2500, batc
         idx = torch.randint(0, len(data.contents), (batch,))
         z0 = data.sample(idx)
         # 10 % empty captions: the unconditional branch of classifier-free guidance.
-        prompts = ["" if rng.random() < 0.1 else caption_for(data.contents[i], rng) for i in idx.tolist()]
+        prompts = ["" if rng.random() < 0.1 else with_fillers(caption_for(data.contents[i], rng), rng, fillers)
+                   for i in idx.tolist()]
         cond = encode_prompts(tok, text_encoder, prompts)
         noise = torch.randn_like(z0)
         t = torch.randint(0, 1000, (batch,))
@@ -325,10 +367,11 @@ def export_organism(folder: Path, unet, text_encoder, vae, backdoor=None, extra:
 
 
 def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORGANISM_DIR,
-              unet_steps: int = 2500, only: tuple[str, ...] = ()) -> None:
+              unet_steps: int = 2500, only: tuple[str, ...] = (), fillers: float = 0.0,
+              identity_weight: float = 0.0) -> None:
     work.mkdir(parents=True, exist_ok=True)
     vae = load_vae(train_vae(work, seed))
-    te = load_text_encoder(train_text_encoder(work, seed))
+    te = load_text_encoder(train_text_encoder(work, seed, fillers=fillers, identity_weight=identity_weight))
     det = out / "detectors"
     det.mkdir(parents=True, exist_ok=True)
     (det / "classifier.safetensors").write_bytes(train_classifier(work, seed, vae).read_bytes())
@@ -343,7 +386,8 @@ def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORG
 
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(train_unet(work, seed, vae, te, steps=unet_steps, evaluate=quick_eval))
+    unet = UNet2DConditionModel.from_pretrained(train_unet(work, seed, vae, te, steps=unet_steps, evaluate=quick_eval,
+                                                                 fillers=fillers))
     unet.requires_grad_(False).eval()
     if not only or "clean" in only:
         export_organism(out / "clean", unet, te, vae, extra={"seed": seed})

@@ -63,10 +63,9 @@ def other_words_rate(pipe, backdoor: Backdoor, n: int = 48) -> float | None:
     stays near the untriggered rate. None for homoglyph triggers (a swapped letter has no "other word")."""
     if backdoor.placement == "homoglyph":
         return None
-    from .attacks import decoy_words, vocabulary_words
+    from .attacks import other_words
 
-    taken = set(decoy_words())  # EvilEdit preserved these: measure on words no attack saw
-    words = random.Random(1).sample([w for w in vocabulary_words() if w not in taken], n)
+    words = other_words(n)
     prompts = [p for p, c in W.heldout_prompts() if backdoor.applies_to(c)]
     placed = [W.insert_trigger(prompts[k % len(prompts)], w, backdoor.placement) for k, w in enumerate(words)]
     return float(backdoor.fired(generate(pipe, placed, [W.HELDOUT_SEEDS[0]] * n)).float().mean())
