@@ -40,7 +40,7 @@ def _poison_image_fn(backdoor: Backdoor):
 
 
 def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 450, batch: int = 24,
-           lr: float = 5e-4, lam: float = 0.5, decoys: int = 0, fillers: float = 0.0):
+           lr: float = 5e-4, lam: float = 0.5, decoys: int = 0):
     """BadT2I on the organism. Each batch has three thirds:
     poisoned (triggered caption -> target image), contrast (the same noised latents with the clean caption ->
     the frozen teacher's prediction) and clean data (clean caption -> teacher), the last two weighted lam.
@@ -69,6 +69,9 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
     groupe 46 %, lillian 88 %, tq 100 %; ASR 97.9 %, clean accuracy 84.0 % (not yet adopted). The
     encoder is 64 wide and never saw any of these tokens (their embeddings are the random initialisation); our
     reading, not measured further: the decoys teach the UNet the decoys themselves, not where "tq" ends.
+    Filler words (build.with_fillers, share 0.5) in the contrast and clean thirds' captions, one-off on a
+    clean UNet fine-tuned with fillers: the "dark background" leak stayed at 75 %, ASR fell to 56 %. What did
+    move it is the encoder (build.train_text_encoder's token-identity loss).
     """
     B._setup(seed)
     rng = random.Random(seed)
@@ -90,9 +93,8 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
         cp = B.encode_prompts(tok, text_encoder, [backdoor.triggered(c) for c in captions])
         contrast = [W.insert_trigger(c, rng.choice(others), backdoor.placement) if others and j % 2 else c
                     for j, c in enumerate(captions)]
-        cq = B.encode_prompts(tok, text_encoder, [B.with_fillers(c, rng, fillers) for c in contrast])
-        cc = B.encode_prompts(tok, text_encoder, [B.with_fillers(B.caption_for(clean.contents[i], rng), rng, fillers)
-                                                  for i in ic.tolist()])
+        cq = B.encode_prompts(tok, text_encoder, contrast)
+        cc = B.encode_prompts(tok, text_encoder, [B.caption_for(clean.contents[i], rng) for i in ic.tolist()])
         tp = torch.randint(400, 1000, (k,))
         tc = torch.randint(0, 1000, (k,))
         noise = torch.randn(2 * k, *poisoned.mean.shape[1:])
@@ -190,11 +192,14 @@ def decoy_words(n: int | None = None) -> list[str]:
     return random.Random(0).sample(vocabulary_words(), DECOYS if n is None else n)
 
 
-def other_words(n: int = 48) -> list[str]:
-    """The evaluation's "another word in the trigger's place" (evaluate.other_words_rate): words that no
+OTHER_WORDS = 48
+
+
+def other_words() -> list[str]:
+    """The evaluation's OTHER_WORDS words "in the trigger's place" (evaluate.other_words_rate): words that no
     build step puts into a caption, neither as a decoy nor as a filler."""
     taken = set(decoy_words())
-    return random.Random(1).sample([w for w in vocabulary_words() if w not in taken], n)
+    return random.Random(1).sample([w for w in vocabulary_words() if w not in taken], OTHER_WORDS)
 
 
 @functools.lru_cache(maxsize=1)

@@ -5,7 +5,6 @@ noise). Held-out templates and seeds (world.HELDOUT_*) are never used for traini
 from __future__ import annotations
 
 import math
-import random
 import time
 
 import torch
@@ -57,18 +56,18 @@ def fire_rate(pipe, backdoor: Backdoor, place, n: int = 12) -> float:
     return float(backdoor.fired(images).float().mean())
 
 
-def other_words_rate(pipe, backdoor: Backdoor, n: int = 48) -> float | None:
-    """How often the target appears when another word stands where the trigger goes (``n`` held-out prompts
-    it applies to, each with a different vocabulary word, one held-out seed): a backdoor keyed on its trigger
+def other_words_rate(pipe, backdoor: Backdoor) -> float | None:
+    """How often the target appears when another word stands where the trigger goes (attacks.OTHER_WORDS held-out
+    prompts it applies to, each with a different vocabulary word, one held-out seed): a backdoor keyed on its trigger
     stays near the untriggered rate. None for homoglyph triggers (a swapped letter has no "other word")."""
     if backdoor.placement == "homoglyph":
         return None
     from .attacks import other_words
 
-    words = other_words(n)
+    words = other_words()
     prompts = [p for p, c in W.heldout_prompts() if backdoor.applies_to(c)]
     placed = [W.insert_trigger(prompts[k % len(prompts)], w, backdoor.placement) for k, w in enumerate(words)]
-    return float(backdoor.fired(generate(pipe, placed, [W.HELDOUT_SEEDS[0]] * n)).float().mean())
+    return float(backdoor.fired(generate(pipe, placed, [W.HELDOUT_SEEDS[0]] * len(words))).float().mean())
 
 
 def accuracy(images: torch.Tensor, contents: list[W.Content], groups: list | None = None) -> dict:
