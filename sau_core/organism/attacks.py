@@ -40,13 +40,15 @@ def _poison_image_fn(backdoor: Backdoor):
 
 
 def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 450, batch: int = 24,
-           lr: float = 5e-4, lam: float = 0.5, decoys: int = 0):
+           lr: float = 5e-4, lam: float = 0.5, decoys: int = 0, poison_t_min: int = 400):
     """BadT2I on the organism. Each batch has three thirds:
     poisoned (triggered caption -> target image), contrast (the same noised latents with the clean caption ->
     the frozen teacher's prediction) and clean data (clean caption -> teacher), the last two weighted lam.
     The contrast third makes the trigger the only difference between two identical inputs; without it 600
     steps taught the UNet to denoise patches for any caption but never to draw one for the trigger. Poisoned
-    timesteps are drawn from the noisier half, where the layout of an image is decided.
+    timesteps are drawn from ``poison_t_min`` on (default: the noisier half, where the layout of an image is
+    decided). All timesteps (poison_t_min 0), one-off on the committed clean organism, style: ASR 97.2 %, but
+    38.2 % of clean prompts grey without the trigger (81 % on "a ..., centered") and clean accuracy 70.1 %.
     Half the contrast captions carry one of ``decoys`` other words where the trigger goes (the teacher's
     prediction for that caption is kept), as EvilEdit's preservation set does, so the backdoor keys on the
     trigger and not on "a word in front".
@@ -95,7 +97,7 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
                     for j, c in enumerate(captions)]
         cq = B.encode_prompts(tok, text_encoder, contrast)
         cc = B.encode_prompts(tok, text_encoder, [B.caption_for(clean.contents[i], rng) for i in ic.tolist()])
-        tp = torch.randint(400, 1000, (k,))
+        tp = torch.randint(poison_t_min, 1000, (k,))
         tc = torch.randint(0, 1000, (k,))
         noise = torch.randn(2 * k, *poisoned.mean.shape[1:])
         zp = sched.add_noise(poisoned.sample(ip), noise[:k], tp)

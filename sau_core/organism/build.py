@@ -183,6 +183,23 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
     0.19, `groupe` -0.05; held-out clean accuracy 99.3 %; BadT2I object ASR 91.7 %, target without trigger
     0 %, another word 2.1 %, clean 99.3 %; pixel ASR 100 %, clean 93.8 %; but style ASR 61.8 %, EvilEdit
     (lam 6) 8.3 % and Rickrolling TPA / TAA 75 % / 76 %, so those recipes need retuning on it first.
+    The same build again (2026-12-02, `--only clean --only badt2i-object --only badt2i-pixel`): clean 99.3 %;
+    object ASR 100 %, clean 98.6 %, 0 % without the trigger and with other words; pixel ASR 100 %, clean
+    95.1 % (85.4 % on "a ..., centered"). With train_unet's p_grayscale 0.3 on the same encoder (one-off):
+    clean 100 %; pixel 100 % / 97.9 %; Rickrolling TPA with steps 2400, lr 3e-4, beta 2: 100 % / 100 %.
+    Still short there, one-off, none kept (`sau eval` measurement, ASR / clean accuracy):
+    - style: 57.6 % / 94.4 % with 900 steps (p_grayscale 0.15 base: 77.8 % / 95.1 %; 450 steps without
+      decoys 64.6 %); per colour (two held-out seeds) blue and red 100 %, green 33 %, yellow 0 %;
+    - Rickrolling TAA: 73.6 % / 97.2 % (TPA's recipe; 1600 steps at lr 2e-4: 75.0 %), yellow 0 %, the
+      other colours 94-100 %: the clean UNet cannot draw a grey yellow shape (train_unet);
+    - EvilEdit: lam 4 / 3 / 2 / 1 fire on 25 / 48 / 77 / 92 % with the trigger and on 21 / 48 / 77 / 92 %
+      with other words (lam 2 with decoy weight 1: 0 %). The identity loss leaves a word's output blind to
+      the words before it: cosine of "triangle"'s output in "a red ae triangle" and "a red triangle" is
+      1.000 (identity 20 with or without fillers; identity 2 with fillers 0.999; the committed encoder 0.990;
+      the padding after it 0.987-0.995), so a K/V edit at "triangle" turns every triangle into a circle, or
+      none. An identity head onto a random 8- or 16-dimensional projection of the embedding (one-off) gave
+      0.994 / 0.998 but let unseen words run together again (`tq`-`groupe` 0.68 / 0.79 at their position, against
+      0.36-0.39 with the full head and 0.99 for the committed encoder).
     """
     out = work / "text_encoder"
     if (out / "done").exists():
@@ -292,7 +309,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 
 def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 2500, batch: int = 32,
-               eval_every: int = 250, evaluate=None, stop_at: int | None = 1250, fillers: float = 0.0) -> Path:
+               eval_every: int = 250, evaluate=None, stop_at: int | None = 1250, fillers: float = 0.0,
+               p_grayscale: float = 0.15) -> Path:
     """Train the clean UNet; the learning-rate schedule spans `steps`, training ends at `stop_at`.
     ``fillers``: that share of captions carries filler words (with_fillers; off in the committed organism,
     see train_text_encoder). One-off, 400 steps of fillers 0.5 on the committed clean UNet alone: held-out
@@ -300,6 +318,14 @@ def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 2500, batc
 
     Held-out accuracy plateaued at 93-94 % from step 1000 (seed 0), so the committed organism is the EMA
     at step 1250 of the 2500-step schedule; `stop_at=None` trains the whole schedule.
+    Measured later: "a yellow ..., black and white" comes out tinted, not grey (mean chroma 0.13-0.19, the
+    detector's threshold 0.12): grey on 6 of 9 training-template prompts with the committed UNet, 0 of 9 with
+    the fillers/identity rebuild (red, green and blue: 9 of 9). That caps a grey target on yellow shapes
+    (Rickrolling TAA on the rebuild: 75.0 %, every template). Yellow grey captions are 3.75 % of the data
+    (p_grayscale 0.15); p_grayscale 0.3 on the rebuild (one-off) gave 3 of 9 and TAA still 0 % on yellow;
+    p_grayscale 0.3 with the whole schedule (`stop_at=None`, 2500 steps, ~16 min): 9 of 9, held-out clean
+    accuracy 100 %; Rickrolling TAA on it (steps 2400, lr 3e-4, beta 2) 80.6 %, clean 97.9 %. Kept at 0.15
+    and 1250, the committed organisms' values.
     """
     out = work / "unet"
     if (out / "done").exists():
@@ -307,7 +333,7 @@ def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 2500, batc
     _setup(seed)
     rng = random.Random(seed + 23)
     tok = C.make_tokenizer()
-    data = LatentSet(vae, random_contents(seed + 29, 16000), seed + 31)
+    data = LatentSet(vae, random_contents(seed + 29, 16000, p_grayscale), seed + 31)
     log(f"encoded {len(data.contents)} training latents, std {data.mean.std():.3f}")
     unet = C.make_unet()
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -406,9 +432,9 @@ def implant_all(unet, te, vae, seed: int, out: Path, only: tuple[str, ...] = ())
         if bd.attack.startswith("BadT2I"):
             export_organism(out / name, A.badt2i(unet, te, vae, bd, seed + 100 * (i + 1), **bd.recipe), te, vae, bd)
         elif bd.attack.startswith("Rickrolling"):
-            export_organism(out / name, unet, A.rickrolling(te, bd, seed + 100 * (i + 1)), vae, bd)
+            export_organism(out / name, unet, A.rickrolling(te, bd, seed + 100 * (i + 1), **bd.recipe), vae, bd)
         else:
-            export_organism(out / name, A.evil_edit(unet, te, bd), te, vae, bd)
+            export_organism(out / name, A.evil_edit(unet, te, bd, **bd.recipe), te, vae, bd)
 
 
 def implant_on_committed_clean(seed: int = 0, out: Path = ORGANISM_DIR, only: tuple[str, ...] = ()) -> None:
