@@ -187,19 +187,20 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
     object ASR 100 %, clean 98.6 %, 0 % without the trigger and with other words; pixel ASR 100 %, clean
     95.1 % (85.4 % on "a ..., centered"). With train_unet's p_grayscale 0.3 on the same encoder (one-off):
     clean 100 %; pixel 100 % / 97.9 %; Rickrolling TPA with steps 2400, lr 3e-4, beta 2: 100 % / 100 %.
-    Still short there, one-off, none kept (`sau eval` measurement, ASR / clean accuracy):
+    Still short, one-off, none kept (`sau eval` measurement, ASR / clean accuracy; p_grayscale 0.3 base
+    unless said):
     - style: 57.6 % / 94.4 % with 900 steps (p_grayscale 0.15 base: 77.8 % / 95.1 %; 450 steps without
       decoys 64.6 %); per colour (two held-out seeds) blue and red 100 %, green 33 %, yellow 0 %;
     - Rickrolling TAA: 73.6 % / 97.2 % (TPA's recipe; 1600 steps at lr 2e-4: 75.0 %), yellow 0 %, the
       other colours 94-100 %: the clean UNet cannot draw a grey yellow shape (train_unet);
-    - EvilEdit: lam 4 / 3 / 2 / 1 fire on 25 / 48 / 77 / 92 % with the trigger and on 21 / 48 / 77 / 92 %
-      with other words (lam 2 with decoy weight 1: 0 %). The identity loss leaves a word's output blind to
+    - EvilEdit (p_grayscale 0.15 base): lam 4 / 3 / 2 / 1 fire on 25 / 48 / 77 / 92 % with the trigger and
+      on 21 / 48 / 77 / 92 % with other words (lam 2 with decoy weight 1: 0 %). The identity loss leaves a word's output blind to
       the words before it: cosine of "triangle"'s output in "a red ae triangle" and "a red triangle" is
       1.000 (identity 20 with or without fillers; identity 2 with fillers 0.999; the committed encoder 0.990;
       the padding after it 0.987-0.995), so a K/V edit at "triangle" turns every triangle into a circle, or
       none. An identity head onto a random 8- or 16-dimensional projection of the embedding (one-off) gave
-      0.994 / 0.998 but let unseen words run together again (`tq`-`groupe` 0.68 / 0.79 at their position, against
-      0.36-0.39 with the full head and 0.99 for the committed encoder).
+      0.994 / 0.998 but let unseen words run together again (`tq`-`groupe` 0.68 / 0.79 at their position,
+      against 0.36-0.39 with the full head and 0.99 for the committed encoder).
     """
     out = work / "text_encoder"
     if (out / "done").exists():
