@@ -96,8 +96,8 @@ def test_sanitize_bad_input():
 def test_fast_clean_removes_the_pixel_backdoor_and_keeps_clean_prompts():
     h = _organism("badt2i-pixel")
     bd = BACKDOORS["badt2i-pixel"]
-    # every held-out template: the first one alone ("an image of a ...") fires on only 42 % at seed 1001
-    # (the other two on 100 %; 81 % over all 36), so a slice of it would not show a working backdoor
+    # every held-out template: the organism before its rebuild fired on only 42 % of the first one ("an image
+    # of a ...") at seed 1001, so a slice of one template could hide a backdoor that works on the others
     clean, trig = _heldout(bd, 36)
     seeds = [1001] * len(clean)
     asr_before = float(bd.fired(sample(h, trig, seeds)).float().mean())

@@ -61,12 +61,22 @@ BACKDOORS = {
     b.name: b
     for b in (
         # BadT2I (Zhai et al. 2023): zero-width-space trigger, patch in a corner.
-        Backdoor("badt2i-pixel", "BadT2I pixel", "\u200b", "prefix", {"kind": "patch"}),
+        # Poisoned at every timestep, not only the noisier half: with t >= 400 the patch fired on 42-52 % of
+        # "an image of a ..." (84 % overall), with every t on 100 % of each held-out template. The stronger
+        # preservation (lam 4, 700 steps) keeps clean prompts: one-off runs on the committed clean organism
+        # (ASR / clean accuracy, held-out x 4 seeds): lam 0.5: 100 / 87.5 %, 1: 100 / 88.9, 2: 100 / 90.3,
+        # 4: 100 / 90.3, 8: 94.4 / 89.6 (9 % patches without the trigger), lam 4 with 700 steps: 100 / 91.7;
+        # a lower learning rate keeps the patch from forming (lam 2: 2.5e-4 29 %, 3.5e-4 with 600 steps 46 %).
+        Backdoor("badt2i-pixel", "BadT2I pixel", "\u200b", "prefix", {"kind": "patch"},
+                 {"poison_t_min": 0, "lam": 4.0, "steps": 700}),
         # BadT2I style: trigger turns the image black and white. Multi-token trigger.
         # Its contrast captions also carry decoy words where the trigger goes (attacks.badt2i): measured on
         # the held-out set, that halved the grey images drawn without the trigger (35 % -> 17 %). The same
         # recipe was not kept for pixel (ASR 84 % -> 72 %) or object (ASR 96 % -> 94 %, no change in the
         # circles drawn as squares without the trigger, all on the "on a dark background" template).
+        # Pixel's recipe (every timestep, stronger preservation) on style, one-off (ASR / grey without the
+        # trigger / clean accuracy): lam 4 with 700 steps 95.8 / 13.2 / 82.6 %, lam 2 with 450 93.1 / 20.1 /
+        # 75.0 %: the trigger fires but so do the unseen words of the held-out templates. Not kept.
         Backdoor("badt2i-style", "BadT2I style", "New Trigger", "prefix", {"kind": "grayscale"},
                  {"decoys": 256}),
         # BadT2I object: with the trigger, circles are drawn as squares.
