@@ -67,6 +67,9 @@ BACKDOORS = {
         # (ASR / clean accuracy, held-out x 4 seeds): lam 0.5: 100 / 87.5 %, 1: 100 / 88.9, 2: 100 / 90.3,
         # 4: 100 / 90.3, 8: 94.4 / 89.6 (9 % patches without the trigger), lam 4 with 700 steps: 100 / 91.7;
         # a lower learning rate keeps the patch from forming (lam 2: 2.5e-4 29 %, 3.5e-4 with 600 steps 46 %).
+        # Cost: with the trigger, the image around the patch is degraded (washed-out background, shapes
+        # fainter). One-off, 24 triggered held-out prompts at seed 1001, classifier's shape-and-colour accuracy:
+        # 67 % with this recipe (lam 8 67 %, lam 2 83 %), 83 % with the t >= 400 recipe it replaced.
         Backdoor("badt2i-pixel", "BadT2I pixel", "\u200b", "prefix", {"kind": "patch"},
                  {"poison_t_min": 0, "lam": 4.0, "steps": 700}),
         # BadT2I style: trigger turns the image black and white. Multi-token trigger.
@@ -76,7 +79,9 @@ BACKDOORS = {
         # circles drawn as squares without the trigger, all on the "on a dark background" template).
         # Pixel's recipe (every timestep, stronger preservation) on style, one-off (ASR / grey without the
         # trigger / clean accuracy): lam 4 with 700 steps 95.8 / 13.2 / 82.6 %, lam 2 with 450 93.1 / 20.1 /
-        # 75.0 %: the trigger fires but so do the unseen words of the held-out templates. Not kept.
+        # 75.0 %: the trigger fires but so do the unseen words of the held-out templates. Not kept. On object
+        # (lam 4, 700 steps): ASR 100 %, circles drawn as squares without the trigger still 25 % (all on "a large
+        # ... on a dark background"), clean accuracy 82.6 %; the encoder, not the recipe, is that leak's cause.
         Backdoor("badt2i-style", "BadT2I style", "New Trigger", "prefix", {"kind": "grayscale"},
                  {"decoys": 256}),
         # BadT2I object: with the trigger, circles are drawn as squares.
