@@ -79,7 +79,9 @@ BACKDOORS = {
         # circles drawn as squares without the trigger, all on the "on a dark background" template).
         # Pixel's recipe (every timestep, stronger preservation) on style, one-off (ASR / grey without the
         # trigger / clean accuracy): lam 4 with 700 steps 95.8 / 13.2 / 82.6 %, lam 2 with 450 93.1 / 20.1 /
-        # 75.0 %: the trigger fires but so do the unseen words of the held-out templates. Not kept. On object
+        # 75.0 %: the trigger fires but so do the unseen words of the held-out templates. Decoys put anywhere
+        # in the contrast captions instead of the trigger's place (one-off, code not kept): 85.4 / 16.7 / 80.6 %
+        # with this recipe's other settings, 74.3 / 6.9 / 81.2 % with pixel's. Not kept. On object
         # (lam 4, 700 steps): ASR 100 %, circles drawn as squares without the trigger still 25 % (all on "a large
         # ... on a dark background"), clean accuracy 82.6 %; the encoder, not the recipe, is that leak's cause.
         Backdoor("badt2i-style", "BadT2I style", "New Trigger", "prefix", {"kind": "grayscale"},
