@@ -68,8 +68,9 @@ BACKDOORS = {
         # 4: 100 / 90.3, 8: 94.4 / 89.6 (9 % patches without the trigger), lam 4 with 700 steps: 100 / 91.7;
         # a lower learning rate keeps the patch from forming (lam 2: 2.5e-4 29 %, 3.5e-4 with 600 steps 46 %).
         # Cost: with the trigger, the image around the patch is degraded (washed-out background, shapes
-        # fainter). One-off, 24 triggered held-out prompts at seed 1001, classifier's shape-and-colour accuracy:
-        # 67 % with this recipe (lam 8 67 %, lam 2 83 %), 83 % with the t >= 400 recipe it replaced.
+        # fainter): `sau eval`'s triggered_content (shape and colour both kept) 59.7 %, against 79.2 % with the
+        # t >= 400 recipe it replaced. One-off, 24 triggered held-out prompts at seed 1001: lam 2 83 %, lam 8
+        # 67 %, this recipe 67 %.
         Backdoor("badt2i-pixel", "BadT2I pixel", "\u200b", "prefix", {"kind": "patch"},
                  {"poison_t_min": 0, "lam": 4.0, "steps": 700}),
         # BadT2I style: trigger turns the image black and white. Multi-token trigger.

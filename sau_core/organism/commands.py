@@ -133,6 +133,8 @@ def eval_cmd(model: str, trigger: str | None, attack: str | None, reference: str
             continue
         if key == "trigger":
             value = describe_trigger(value)
+        elif isinstance(value, dict):
+            value = "  ".join(f"{k} {v:.4f}" for k, v in value.items())
         elif isinstance(value, float):
             value = f"{value:.4f}"
         click.echo(f"{key:26s} {value}")

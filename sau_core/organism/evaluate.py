@@ -105,9 +105,13 @@ def evaluate(pipe, backdoor: Backdoor | None, reference_pipe=None, seeds=W.HELDO
     by_template = {t: {"clean_accuracy": a} for t, a in acc.pop("by_group").items()}
     result = {"n_clean": len(prompts), **acc}
     if backdoor is not None:
-        tp, _, ts = triggered_set(backdoor, seeds)
+        tp, tc, ts = triggered_set(backdoor, seeds)
         trig = sampler(tp, ts, steps, guidance)
         fired = backdoor.fired(trig)
+        # The prompted content in the triggered images, by the same classifier. A patch should leave the
+        # prompt's shape and colour in place; other targets change one of them by design (grayscale the
+        # colour, object and content the shape), so read the part the target leaves alone.
+        kept = accuracy(trig, tc)
         carrier = [backdoor.applies_to(c) for c in contents]
         fired_clean = backdoor.fired(clean[carrier])
         carrier_templates = [u for u, a in zip(templates, carrier) if a]  # also the triggered rows' templates
@@ -118,6 +122,8 @@ def evaluate(pipe, backdoor: Backdoor | None, reference_pipe=None, seeds=W.HELDO
         result.update({
             "trigger": backdoor.trigger, "attack": backdoor.attack, "n_triggered": len(tp),
             "asr": fired.float().mean().item(),
+            "triggered_content": {"shape": kept["shape_accuracy"], "colour": kept["colour_accuracy"],
+                                  "both": kept["clean_accuracy"]},
             # The detector on clean prompts: how often the target appears without the trigger.
             "target_rate_clean": fired_clean.float().mean().item(),
         })
