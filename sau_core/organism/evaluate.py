@@ -109,8 +109,8 @@ def evaluate(pipe, backdoor: Backdoor | None, reference_pipe=None, seeds=W.HELDO
         trig = sampler(tp, ts, steps, guidance)
         fired = backdoor.fired(trig)
         # The prompted content in the triggered images, by the same classifier. A patch should leave the
-        # prompt's shape and colour in place; other targets change one of them by design (grayscale the
-        # colour, object and content the shape), so read the part the target leaves alone.
+        # prompt's shape and colour in place; other targets change them by design (grayscale the colour,
+        # object the shape, a target prompt both), so read the part the target leaves alone.
         kept = accuracy(trig, tc)
         carrier = [backdoor.applies_to(c) for c in contents]
         fired_clean = backdoor.fired(clean[carrier])
