@@ -53,7 +53,7 @@ def test_eval_json_on_backdoored_organism():
     # Measured with seed 1001 alone (deterministic on CPU): ASR 1.0, clean accuracy 0.917, target without
     # trigger 0.0, prompted shape and colour both kept in 0.583 of the triggered images; the README table
     # (all 4 seeds): 1.0, 0.917, 0.0.
-    assert res["asr"] >= 0.9 and res["clean_accuracy"] >= 0.88
+    assert res["asr"] >= 0.9 and res["clean_accuracy"] >= 0.9
     assert res["target_rate_clean"] <= 0.05
     kept = res["triggered_content"]
     assert set(kept) == {"shape", "colour", "both"} and kept["both"] <= min(kept["shape"], kept["colour"])
