@@ -165,14 +165,15 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64, fillers: float = 0.0,
-                       identity_weight: float = 0.0) -> Path:
+                       identity_weight: float = 0.0, context_weight: float = 0.0) -> Path:
     """Pre-train the text encoder to separate the world's words before the UNet learns from it.
 
     Joint training from scratch left shape at chance (DESIGN.md section 4); a frozen encoder whose pooled
     and per-token features already predict shape, colour and style gives the UNet a clean signal.
-    ``fillers`` / ``identity_weight`` (off in the committed organisms; see below): that share of captions
-    carries filler words (with_fillers), and every token's output must still say which token it is (a linear
-    head recovers its input embedding, cosine loss, this weight).
+    ``fillers`` / ``identity_weight`` / ``context_weight`` (off in the committed organisms; see below): that
+    share of captions carries filler words (with_fillers); every token's output must still say which token it
+    is (a linear head recovers its input embedding, cosine loss, this weight); every token after the first
+    must also say which token came before it (another head, the previous token's embedding).
 
     Why they exist: trained on the world's captions alone, the committed encoder gives every word it has not
     seen nearly the same output (cosine 0.85 between random words at their own position; 0.35 spread once
@@ -201,6 +202,24 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
       none. An identity head onto a random 8- or 16-dimensional projection of the embedding (one-off) gave
       0.994 / 0.998 but let unseen words run together again (`tq`-`groupe` 0.68 / 0.79 at their position,
       against 0.36-0.39 with the full head and 0.99 for the committed encoder).
+    Base D (2026-12-06, one-off, not adopted): the encoder with fillers 0.5, identity 20 and context 6 (as
+    `sau organism build --caption-fillers 0.5 --token-identity 20 --token-context 6` trains it), the UNet by
+    train_unet(fillers=0.5, p_grayscale=0.3, stop_at=None) (12 min; the CLI keeps 0.15 and 1250), work
+    folder seeded with the committed autoencoder and classifier; implants from its fp16 export. Context weight 3 / 6 / 10: "triangle" after "ae" 0.997 /
+    0.962 / 0.938 (cosine to plain "triangle"). Measured with `sau eval`'s held-out set (ASR / clean accuracy
+    / target without trigger / another word): clean 100 %; pixel (its committed recipe) 100 / 97.9 / 0 / 0,
+    triggered content kept 91 % (committed organism: 60 %); object with pixel's recipe (poison_t_min 0, lam 4,
+    700 steps) 100 / 97.9 / 0 / 2.1 (its default recipe: 50 %); style with decoys 256, poison_t_min 0, lam 2,
+    700 steps 99.3 / 97.9 / 0 / 0 (lam 4: 81.2 %); TPA (steps 2400, lr 3e-4, beta 2) 100 / 100. Short:
+    Rickrolling TAA 61.8 % (beta 4 with 3,200 steps: 54.9 %): red and blue 100 %, green 22 %, yellow 0 %;
+    the fine-tuned encoder no longer greys green and yellow even for the literal "..., black and white"
+    (mean chroma 0.12-0.15 and 0.20-0.27 against the detector's 0.12; the base greys all four), so the
+    attack's clean-preservation does not keep the attribute. EvilEdit: lam 6 / 3 / 12: 45.8 / 77.1 / 22.9 %,
+    firing on "a large ... on a dark background" without the trigger too (target without trigger 27 / 46 /
+    0 %); without decoys 62.5 % (leak 44 %); preservation prompts with filler words (256) 8.3 % (lam 3:
+    35 %); editing only the trigger phrase's own positions: 0 % (the shape is read from the positions after
+    it). Base D would meet the organism bar on four attacks (pixel, style, object, TPA) where the committed
+    base meets it on four others (pixel, TPA, TAA, EvilEdit); not adopted.
     """
     out = work / "text_encoder"
     if (out / "done").exists():
@@ -214,6 +233,8 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
     })
     if identity_weight:
         heads["identity"] = torch.nn.Linear(C.TEXT_HIDDEN, C.TEXT_HIDDEN)
+    if context_weight:
+        heads["previous"] = torch.nn.Linear(C.TEXT_HIDDEN, C.TEXT_HIDDEN)
     emb = te.get_input_embeddings().weight
     others = [p for p in te.parameters() if p is not emb]
     # No weight decay on the token embedding: rows of words never seen (every trigger) must keep their
@@ -238,6 +259,13 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
             real = torch.arange(ids.shape[1]) <= (ids == tok.eos_token_id).int().argmax(1, keepdim=True)
             ident = 1 - F.cosine_similarity(heads["identity"](o.last_hidden_state), emb[ids].detach(), dim=-1)
             loss = loss + identity_weight * ident[real].mean()
+        if context_weight:
+            # every token after the first must also say which token came before it: CLIP's causal attention
+            # gives a word its context, and a K/V edit keyed on "ae triangle" needs "triangle" to carry "ae".
+            real = torch.arange(1, ids.shape[1]) <= (ids == tok.eos_token_id).int().argmax(1, keepdim=True)
+            prev = 1 - F.cosine_similarity(heads["previous"](o.last_hidden_state[:, 1:]), emb[ids[:, :-1]].detach(),
+                                           dim=-1)
+            loss = loss + context_weight * prev[real].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -395,10 +423,11 @@ def export_organism(folder: Path, unet, text_encoder, vae, backdoor=None, extra:
 
 def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORGANISM_DIR,
               unet_steps: int = 2500, only: tuple[str, ...] = (), fillers: float = 0.0,
-              identity_weight: float = 0.0) -> None:
+              identity_weight: float = 0.0, context_weight: float = 0.0) -> None:
     work.mkdir(parents=True, exist_ok=True)
     vae = load_vae(train_vae(work, seed))
-    te = load_text_encoder(train_text_encoder(work, seed, fillers=fillers, identity_weight=identity_weight))
+    te = load_text_encoder(train_text_encoder(work, seed, fillers=fillers, identity_weight=identity_weight,
+                                              context_weight=context_weight))
     det = out / "detectors"
     det.mkdir(parents=True, exist_ok=True)
     (det / "classifier.safetensors").write_bytes(train_classifier(work, seed, vae).read_bytes())

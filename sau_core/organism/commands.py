@@ -86,20 +86,23 @@ def organism_list() -> None:
               "organisms; build.train_text_encoder says what it measured).")
 @click.option("--token-identity", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the encoder's token-identity loss (not in the committed organisms).")
+@click.option("--token-context", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of the encoder's previous-token loss (not in the committed organisms).")
 def organism_build(seed: int, work: Path, out: Path | None, unet_steps: int, only: tuple[str, ...],
-                   from_clean: bool, caption_fillers: float, token_identity: float) -> None:
+                   from_clean: bool, caption_fillers: float, token_identity: float, token_context: float) -> None:
     """Train the organism from scratch (tens of minutes on 2 cores)."""
     from .build import ORGANISM_DIR, build_all, implant_on_committed_clean
 
     if from_clean:
         if "clean" in only:
             raise SauError("--from-clean keeps the clean organism; leave 'clean' out of --only")
-        if caption_fillers or token_identity:
-            raise SauError("--caption-fillers and --token-identity change the clean organism; not with --from-clean")
+        if caption_fillers or token_identity or token_context:
+            raise SauError("--caption-fillers, --token-identity and --token-context change the clean organism; "
+                           "not with --from-clean")
         implant_on_committed_clean(seed=seed, out=out or ORGANISM_DIR, only=only)
         return
     build_all(seed=seed, work=work, out=out or ORGANISM_DIR, unet_steps=unet_steps, only=only,
-              fillers=caption_fillers, identity_weight=token_identity)
+              fillers=caption_fillers, identity_weight=token_identity, context_weight=token_context)
 
 
 @main.command("eval")
