@@ -14,7 +14,7 @@ import torch
 
 from sau_core.errors import SauError, UnsafeFileError
 from sau_core.localise import encode
-from sau_core.model_io import ModelHandle, load_model, random_handle, write_safetensors
+from sau_core.model_io import load_model, random_handle, write_safetensors
 from sau_core.organism import components as C
 from sau_core.patch import (
     FORMAT,
@@ -35,23 +35,13 @@ from sau_core.patch import (
 )
 from sau_core.safety import load_safetensors, validate_safetensors
 from sau_core.unlearn import add_sau_adapter
+from test_engine_core import tiny_handle  # an organism-sized random model, identical for the same seed
 
 ZWSP = "\u200b"
 TRIGGER = ZWSP + "r\u0435d \\ tq"  # invisible char, Cyrillic e, a backslash
 META = {"method": "sau", "trigger": TRIGGER, "settings": {"steps": 3, "layers": ["a", "b"]},
         "metrics": {"asr_before": 0.9, "asr_after": 0.05}}
 PROMPTS = ["a red circle", ZWSP + " a blue square"]
-
-
-def tiny_handle(seed: int = 0) -> ModelHandle:
-    """As tests/test_engine_core.py: an organism-sized random model, identical for the same seed."""
-    torch.manual_seed(seed)
-    h = ModelHandle(unet=C.make_unet().eval(), text_encoder=C.make_text_encoder().eval(),
-                    tokenizer=C.make_tokenizer(), vae=C.make_vae().eval(), scheduler=C.make_sample_scheduler(),
-                    arch="organism", source_format="random")
-    h.text_encoder.requires_grad_(False)
-    h.vae.requires_grad_(False)
-    return h
 
 
 def _randomise_lora(model, adapter="sau", seed=0, scale=0.05):
