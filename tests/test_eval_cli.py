@@ -64,3 +64,12 @@ def test_eval_json_on_backdoored_organism():
     assert len(by) == 3 and abs(sum(v["asr"] for v in by.values()) / 3 - res["asr"]) < 1e-6
     assert abs(sum(v["clean_accuracy"] for v in by.values()) / 3 - res["clean_accuracy"]) < 1e-6
     assert min(v["asr"] for v in by.values()) >= 0.9
+
+
+def test_organism_build_from_clean_refuses_clean_organism_settings(tmp_path):
+    # --from-clean keeps the committed clean organism, so a setting that would change it is an error, before
+    # anything is written
+    for flag in (["--token-context", "6"], ["--unet-stop-at", "0"], ["--keep-autoencoder"], ["--only", "clean"]):
+        r = run("organism", "build", "--from-clean", "--out", str(tmp_path / "out"), *flag)
+        assert r.exit_code == 2 and r.output.startswith("error: ") and r.output.count("\n") == 1, (flag, r.output)
+        assert not (tmp_path / "out").exists()

@@ -202,24 +202,36 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
       none. An identity head onto a random 8- or 16-dimensional projection of the embedding (one-off) gave
       0.994 / 0.998 but let unseen words run together again (`tq`-`groupe` 0.68 / 0.79 at their position,
       against 0.36-0.39 with the full head and 0.99 for the committed encoder).
-    Base D (2026-12-06, one-off, not adopted): the encoder with fillers 0.5, identity 20 and context 6 (as
-    `sau organism build --caption-fillers 0.5 --token-identity 20 --token-context 6` trains it), the UNet by
-    train_unet(fillers=0.5, p_grayscale=0.3, stop_at=None) (12 min; the CLI keeps 0.15 and 1250), work
-    folder seeded with the committed autoencoder and classifier; implants from its fp16 export. Context weight 3 / 6 / 10: "triangle" after "ae" 0.997 /
-    0.962 / 0.938 (cosine to plain "triangle"). Measured with `sau eval`'s held-out set (ASR / clean accuracy
-    / target without trigger / another word): clean 100 %; pixel (its committed recipe) 100 / 97.9 / 0 / 0,
-    triggered content kept 91 % (committed organism: 60 %); object with pixel's recipe (poison_t_min 0, lam 4,
-    700 steps) 100 / 97.9 / 0 / 2.1 (its default recipe: 50 %); style with decoys 256, poison_t_min 0, lam 2,
-    700 steps 99.3 / 97.9 / 0 / 0 (lam 4: 81.2 %); TPA (steps 2400, lr 3e-4, beta 2) 100 / 100. Short:
-    Rickrolling TAA 61.8 % (beta 4 with 3,200 steps: 54.9 %): red and blue 100 %, green 22 %, yellow 0 %;
-    the fine-tuned encoder no longer greys green and yellow even for the literal "..., black and white"
-    (mean chroma 0.12-0.15 and 0.20-0.27 against the detector's 0.12; the base greys all four), so the
-    attack's clean-preservation does not keep the attribute. EvilEdit: lam 6 / 3 / 12: 45.8 / 77.1 / 22.9 %,
-    firing on "a large ... on a dark background" without the trigger too (target without trigger 27 / 46 /
-    0 %); without decoys 62.5 % (leak 44 %); preservation prompts with filler words (256) 8.3 % (lam 3:
-    35 %); editing only the trigger phrase's own positions: 0 % (the shape is read from the positions after
-    it). Base D would meet the organism bar on four attacks (pixel, style, object, TPA) where the committed
-    base meets it on four others (pixel, TPA, TAA, EvilEdit); not adopted.
+    Base D (2026-12-06, one-off, not adopted): the encoder with fillers 0.5, identity 20 and context 6 (as `sau
+    organism build --caption-fillers 0.5 --token-identity 20 --token-context 6` trains it), the UNet by
+    train_unet(fillers=0.5, p_grayscale=0.3, stop_at=None) (12 min; the CLI keeps 0.15 and 1250), work folder
+    seeded with the committed autoencoder and classifier; implants from its fp16 export. Context weight 3 / 6 /
+    10: "triangle" after "ae" 0.997 / 0.962 / 0.938 (cosine to plain "triangle"). Measured with `sau eval`'s
+    held-out set (ASR / clean accuracy / target without trigger / another word): clean 100 %; pixel (its
+    committed recipe) 100 / 97.9 / 0 / 0, triggered content kept 91 % (committed organism: 60 %); object with
+    pixel's recipe (poison_t_min 0, lam 4, 700 steps) 100 / 97.9 / 0 / 2.1 (its default recipe: 50 %); style
+    with decoys 256, poison_t_min 0, lam 2, 700 steps 99.3 / 97.9 / 0 / 0 (lam 4: 81.2 %); TPA (steps 2400, lr
+    3e-4, beta 2) 100 / 100. Short: Rickrolling TAA 61.8 % (beta 4 with 3,200 steps: 54.9 %): red and blue 100
+    %, green 22 %, yellow 0 %; the fine-tuned encoder no longer greys green and yellow even for the literal
+    "..., black and white" (mean chroma 0.12-0.15 and 0.20-0.27 against the detector's 0.12; the base greys all
+    four), so the attack's clean-preservation does not keep the attribute. EvilEdit: lam 6 / 3 / 12: 45.8 / 77.1
+    / 22.9 %, firing on "a large ... on a dark background" without the trigger too (target without trigger 27 /
+    46 / 0 %); without decoys 62.5 % (leak 44 %); preservation prompts with filler words (256) 8.3 % (lam 3: 35
+    %); editing only the trigger phrase's own positions: 0 % (the shape is read from the positions after it).
+    Base D would meet the organism bar on four attacks (pixel, style, object, TPA) where the committed base
+    meets it on four others (pixel, TPA, TAA, EvilEdit); not adopted.
+    Base E (the same with context 10; should come again from `sau organism build --keep-autoencoder
+    --caption-fillers 0.5 --token-identity 20 --token-context 10 --grayscale-share 0.3 --unet-stop-at 0 --only
+    clean --out DIR`, then `--from-clean --out DIR` with the recipes below in attacks_spec; built by a one-off
+    script calling the same functions, not through the CLI): clean 100 %; Rickrolling TAA (steps 2400, lr 3e-4,
+    beta 2) 100 / 100 % (every colour); TPA (same recipe) 100 / 100 %; pixel (its committed recipe) 100 / 98.6 /
+    0 / 0, triggered content kept 93 %; object (pixel's recipe) 100 / 97.2 / 0 / 0; style (decoys 256,
+    poison_t_min 0, 700 steps) lam 2: 88.9 / 100 / 0 / 0 ("an image of a ..." 79 %), lam 1: 88.9 / 100 / 0 / 0
+    (yellow 78 %). EvilEdit (lam 6 / 3 / 12) 33.3 / 35.4 / 8.3 %, firing only on "a large ... on a dark
+    background", the held-out template with words after the shape (there 100 / 100 / 25 %, and without the
+    trigger too: 15 / 33 / 4 % of all clean triangles): EvilEdit, and style 1.1 points short of 90 %, keep base
+    E from replacing the committed organisms. Next: an EvilEdit whose edit carries on this encoder, then adopt
+    base E (re-measure everything).
     """
     out = work / "text_encoder"
     if (out / "done").exists():
@@ -423,8 +435,15 @@ def export_organism(folder: Path, unet, text_encoder, vae, backdoor=None, extra:
 
 def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORGANISM_DIR,
               unet_steps: int = 2500, only: tuple[str, ...] = (), fillers: float = 0.0,
-              identity_weight: float = 0.0, context_weight: float = 0.0) -> None:
+              identity_weight: float = 0.0, context_weight: float = 0.0, p_grayscale: float = 0.15,
+              stop_at: int | None = 1250, keep_autoencoder: bool = False) -> None:
     work.mkdir(parents=True, exist_ok=True)
+    if keep_autoencoder and not (work / "vae" / "done").exists():
+        from ..model_io import load_model
+
+        load_model(ORGANISM_DIR / "clean").vae.float().save_pretrained(work / "vae", safe_serialization=True)
+        (work / "vae" / "done").write_text("ok")
+        (work / "classifier.safetensors").write_bytes((ORGANISM_DIR / "detectors" / "classifier.safetensors").read_bytes())
     vae = load_vae(train_vae(work, seed))
     te = load_text_encoder(train_text_encoder(work, seed, fillers=fillers, identity_weight=identity_weight,
                                               context_weight=context_weight))
@@ -443,7 +462,7 @@ def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORG
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(train_unet(work, seed, vae, te, steps=unet_steps, evaluate=quick_eval,
-                                                                 fillers=fillers))
+                                                           fillers=fillers, p_grayscale=p_grayscale, stop_at=stop_at))
     unet.requires_grad_(False).eval()
     if not only or "clean" in only:
         export_organism(out / "clean", unet, te, vae, extra={"seed": seed})

@@ -88,21 +88,30 @@ def organism_list() -> None:
               help="Weight of the encoder's token-identity loss (not in the committed organisms).")
 @click.option("--token-context", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the encoder's previous-token loss (not in the committed organisms).")
+@click.option("--grayscale-share", type=click.FloatRange(0, 1), default=0.15, show_default=True,
+              help="Share of the clean UNet's training images that are black and white.")
+@click.option("--unet-stop-at", type=click.IntRange(min=0), default=1250, show_default=True,
+              help="Step at which the clean UNet's training ends (0: the whole --unet-steps schedule).")
+@click.option("--keep-autoencoder", is_flag=True, help="Start from the committed autoencoder and detector "
+              "classifier instead of training them (the work folder gets fp32 copies).")
 def organism_build(seed: int, work: Path, out: Path | None, unet_steps: int, only: tuple[str, ...],
-                   from_clean: bool, caption_fillers: float, token_identity: float, token_context: float) -> None:
+                   from_clean: bool, caption_fillers: float, token_identity: float, token_context: float,
+                   grayscale_share: float, unet_stop_at: int, keep_autoencoder: bool) -> None:
     """Train the organism from scratch (tens of minutes on 2 cores)."""
     from .build import ORGANISM_DIR, build_all, implant_on_committed_clean
 
     if from_clean:
         if "clean" in only:
             raise SauError("--from-clean keeps the clean organism; leave 'clean' out of --only")
-        if caption_fillers or token_identity or token_context:
-            raise SauError("--caption-fillers, --token-identity and --token-context change the clean organism; "
-                           "not with --from-clean")
+        if (caption_fillers or token_identity or token_context or keep_autoencoder or grayscale_share != 0.15
+                or unet_stop_at != 1250):
+            raise SauError("--caption-fillers, --token-identity, --token-context, --grayscale-share, "
+                           "--unet-stop-at and --keep-autoencoder change the clean organism; not with --from-clean")
         implant_on_committed_clean(seed=seed, out=out or ORGANISM_DIR, only=only)
         return
     build_all(seed=seed, work=work, out=out or ORGANISM_DIR, unet_steps=unet_steps, only=only,
-              fillers=caption_fillers, identity_weight=token_identity, context_weight=token_context)
+              fillers=caption_fillers, identity_weight=token_identity, context_weight=token_context,
+              p_grayscale=grayscale_share, stop_at=unet_stop_at or None, keep_autoencoder=keep_autoencoder)
 
 
 @main.command("eval")
