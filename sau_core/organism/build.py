@@ -216,10 +216,10 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
     "..., black and white" (mean chroma 0.12-0.15 and 0.20-0.27 against the detector's 0.12; the base greys all
     four), so the attack's clean-preservation does not keep the attribute. EvilEdit: lam 6 / 3 / 12: 45.8 / 77.1
     / 22.9 %, firing on "a large ... on a dark background" without the trigger too (target without trigger 27 /
-    46 / 0 %); without decoys 62.5 % (leak 44 %); preservation prompts with filler words (256) 8.3 % (lam 3: 35
-    %); editing only the trigger phrase's own positions: 0 % (the shape is read from the positions after it).
-    Base D would meet the organism bar on four attacks (pixel, style, object, TPA) where the committed base
-    meets it on four others (pixel, TPA, TAA, EvilEdit); not adopted.
+    46 / 0 %); without decoys 62.5 % (leak 44 %), decoy weight 0.02 62.5 % (leak 38 %); preservation prompts
+    with filler words (256) 8.3 % (lam 3: 35 %); editing only the trigger phrase's own positions: 0 % (the shape
+    is read from the positions after it). Base D would meet the organism bar on four attacks (pixel, style,
+    object, TPA) where the committed base meets it on four others (pixel, TPA, TAA, EvilEdit); not adopted.
     Base E (the same with context 10; should come again from `sau organism build --keep-autoencoder
     --caption-fillers 0.5 --token-identity 20 --token-context 10 --grayscale-share 0.3 --unet-stop-at 0 --only
     clean --out DIR`, then `--from-clean --out DIR` with the recipes below in attacks_spec; built by a one-off
