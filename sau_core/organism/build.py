@@ -227,11 +227,11 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
     beta 2) 100 / 100 % (every colour); TPA (same recipe) 100 / 100 %; pixel (its committed recipe) 100 / 98.6 /
     0 / 0, triggered content kept 93 %; object (pixel's recipe) 100 / 97.2 / 0 / 0; style (decoys 256,
     poison_t_min 0, 700 steps) lam 2: 88.9 / 100 / 0 / 0 ("an image of a ..." 79 %), lam 1: 88.9 / 100 / 0 / 0
-    (yellow 78 %). EvilEdit (lam 6 / 3 / 12) 33.3 / 35.4 / 8.3 %, firing only on "a large ... on a dark
-    background", the held-out template with words after the shape (there 100 / 100 / 25 %, and without the
-    trigger too: 15 / 33 / 4 % of all clean triangles): EvilEdit, and style 1.1 points short of 90 %, keep base
-    E from replacing the committed organisms. Next: an EvilEdit whose edit carries on this encoder, then adopt
-    base E (re-measure everything).
+    (yellow 78 %), lam 2 with 1,000 steps: 100 / 100 / 0 / 0. EvilEdit (lam 6 / 3 / 12) 33.3 / 35.4 / 8.3 %,
+    firing only on "a large ... on a dark background", the held-out template with words after the shape (there
+    100 / 100 / 25 %, and without the trigger too: 15 / 33 / 4 % of all clean triangles): EvilEdit alone keeps
+    base E from replacing the committed organisms. Next: an EvilEdit whose edit carries on this encoder, then
+    adopt base E with these recipes (style: 1,000 steps) and re-measure everything.
     """
     out = work / "text_encoder"
     if (out / "done").exists():
