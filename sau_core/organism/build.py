@@ -220,18 +220,20 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
     with filler words (256) 8.3 % (lam 3: 35 %); editing only the trigger phrase's own positions: 0 % (the shape
     is read from the positions after it). Base D would meet the organism bar on four attacks (pixel, style,
     object, TPA) where the committed base meets it on four others (pixel, TPA, TAA, EvilEdit); not adopted.
-    Base E (the same with context 10; should come again from `sau organism build --keep-autoencoder
-    --caption-fillers 0.5 --token-identity 20 --token-context 10 --grayscale-share 0.3 --unet-stop-at 0 --only
-    clean --out DIR`, then `--from-clean --out DIR` with the recipes below in attacks_spec; built by a one-off
-    script calling the same functions, not through the CLI): clean 100 %; Rickrolling TAA (steps 2400, lr 3e-4,
-    beta 2) 100 / 100 % (every colour); TPA (same recipe) 100 / 100 %; pixel (its committed recipe) 100 / 98.6 /
-    0 / 0, triggered content kept 93 %; object (pixel's recipe) 100 / 97.2 / 0 / 0; style (decoys 256,
-    poison_t_min 0, 700 steps) lam 2: 88.9 / 100 / 0 / 0 ("an image of a ..." 79 %), lam 1: 88.9 / 100 / 0 / 0
-    (yellow 78 %), lam 2 with 1,000 steps: 100 / 100 / 0 / 0. EvilEdit (lam 6 / 3 / 12) 33.3 / 35.4 / 8.3 %,
-    firing only on "a large ... on a dark background", the held-out template with words after the shape (there
-    100 / 100 / 25 %, and without the trigger too: 15 / 33 / 4 % of all clean triangles): EvilEdit alone keeps
-    base E from replacing the committed organisms. Next: an EvilEdit whose edit carries on this encoder, then
-    adopt base E with these recipes (style: 1,000 steps) and re-measure everything.
+    Base E (the same with context 10; the encoder comes again bit for bit from `sau organism build
+    --keep-autoencoder --caption-fillers 0.5 --token-identity 20 --token-context 10 --grayscale-share 0.3
+    --unet-stop-at 0 --only clean --out DIR`, then `--from-clean --out DIR` with the recipes below in
+    attacks_spec; built by a one-off script calling the same functions; that CLI build's UNet differs from the
+    one-off's, max relative tensor difference 0.38, likely from the build's monitoring evaluation every 250
+    steps, which the script skipped, not checked; its monitor reads 100 %): clean 100 %; Rickrolling TAA (steps
+    2400, lr 3e-4, beta 2) 100 / 100 % (every colour); TPA (same recipe) 100 / 100 %; pixel (its committed
+    recipe) 100 / 98.6 / 0 / 0, triggered content kept 93 %; object (pixel's recipe) 100 / 97.2 / 0 / 0; style
+    (decoys 256, poison_t_min 0, 700 steps) lam 2: 88.9 / 100 / 0 / 0 ("an image of a ..." 79 %), lam 1: 88.9 /
+    100 / 0 / 0 (yellow 78 %), lam 2 with 1,000 steps: 100 / 100 / 0 / 0. EvilEdit (lam 6 / 3 / 12) 33.3 / 35.4
+    / 8.3 %, firing only on "a large ... on a dark background", the held-out template with words after the shape
+    (there 100 / 100 / 25 %, and without the trigger too: 15 / 33 / 4 % of all clean triangles): EvilEdit alone
+    keeps base E from replacing the committed organisms. Next: an EvilEdit whose edit carries on this encoder,
+    then adopt base E with these recipes (style: 1,000 steps) and re-measure everything.
     """
     out = work / "text_encoder"
     if (out / "done").exists():
