@@ -72,4 +72,5 @@ def test_organism_build_from_clean_refuses_clean_organism_settings(tmp_path):
     for flag in (["--token-context", "6"], ["--unet-stop-at", "0"], ["--keep-autoencoder"], ["--only", "clean"]):
         r = run("organism", "build", "--from-clean", "--out", str(tmp_path / "out"), *flag)
         assert r.exit_code == 2 and r.output.startswith("error: ") and r.output.count("\n") == 1, (flag, r.output)
+        assert flag[0] in r.output  # the error names the option
         assert not (tmp_path / "out").exists()

@@ -268,15 +268,16 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
             + F.cross_entropy(heads["colour"](feats), torch.tensor([W.COLOUR_NAMES.index(c.colour) for c in contents]))
             + F.cross_entropy(heads["gray"](feats), torch.tensor([int(c.grayscale) for c in contents]))
         )
+        # real tokens: up to and including the first end-of-text (the padding after it repeats that id)
+        eos = (ids == tok.eos_token_id).int().argmax(1, keepdim=True)
         if identity_weight:
-            # every token up to and including the first end-of-text (the padding after it repeats that id)
-            real = torch.arange(ids.shape[1]) <= (ids == tok.eos_token_id).int().argmax(1, keepdim=True)
+            real = torch.arange(ids.shape[1]) <= eos
             ident = 1 - F.cosine_similarity(heads["identity"](o.last_hidden_state), emb[ids].detach(), dim=-1)
             loss = loss + identity_weight * ident[real].mean()
         if context_weight:
             # every token after the first must also say which token came before it: CLIP's causal attention
             # gives a word its context, and a K/V edit keyed on "ae triangle" needs "triangle" to carry "ae".
-            real = torch.arange(1, ids.shape[1]) <= (ids == tok.eos_token_id).int().argmax(1, keepdim=True)
+            real = torch.arange(1, ids.shape[1]) <= eos
             prev = 1 - F.cosine_similarity(heads["previous"](o.last_hidden_state[:, 1:]), emb[ids[:, :-1]].detach(),
                                            dim=-1)
             loss = loss + context_weight * prev[real].mean()
@@ -443,9 +444,10 @@ def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORG
     if keep_autoencoder and not (work / "vae" / "done").exists():
         from ..model_io import load_model
 
+        # the classifier first: "done" marks the autoencoder stage (and so this copy) finished for a resumed build
+        (work / "classifier.safetensors").write_bytes((ORGANISM_DIR / "detectors" / "classifier.safetensors").read_bytes())
         load_model(ORGANISM_DIR / "clean").vae.float().save_pretrained(work / "vae", safe_serialization=True)
         (work / "vae" / "done").write_text("ok")
-        (work / "classifier.safetensors").write_bytes((ORGANISM_DIR / "detectors" / "classifier.safetensors").read_bytes())
     vae = load_vae(train_vae(work, seed))
     te = load_text_encoder(train_text_encoder(work, seed, fillers=fillers, identity_weight=identity_weight,
                                               context_weight=context_weight))

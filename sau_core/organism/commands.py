@@ -71,6 +71,11 @@ def organism_list() -> None:
         click.echo(f"{folder.parent.name:18s} {bd['attack'] if bd else 'clean':18s} trigger: {trig}")
 
 
+# `sau organism build` options that shape the clean organism (so not with --from-clean, which keeps it)
+CLEAN_ORGANISM_OPTIONS = ("caption_fillers", "token_identity", "token_context", "grayscale_share", "unet_stop_at",
+                          "keep_autoencoder")
+
+
 @organism.command("build")
 @click.option("--seed", default=0, show_default=True, help="Seed of every random choice in the build.")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("runs/organism"), show_default=True,
@@ -94,19 +99,21 @@ def organism_list() -> None:
               help="Step at which the clean UNet's training ends (0: the whole --unet-steps schedule).")
 @click.option("--keep-autoencoder", is_flag=True, help="Start from the committed autoencoder and detector "
               "classifier instead of training them (the work folder gets fp32 copies).")
-def organism_build(seed: int, work: Path, out: Path | None, unet_steps: int, only: tuple[str, ...],
-                   from_clean: bool, caption_fillers: float, token_identity: float, token_context: float,
-                   grayscale_share: float, unet_stop_at: int, keep_autoencoder: bool) -> None:
+@click.pass_context
+def organism_build(ctx: click.Context, seed: int, work: Path, out: Path | None, unet_steps: int,
+                   only: tuple[str, ...], from_clean: bool, caption_fillers: float, token_identity: float,
+                   token_context: float, grayscale_share: float, unet_stop_at: int, keep_autoencoder: bool) -> None:
     """Train the organism from scratch (tens of minutes on 2 cores)."""
     from .build import ORGANISM_DIR, build_all, implant_on_committed_clean
 
     if from_clean:
         if "clean" in only:
             raise SauError("--from-clean keeps the clean organism; leave 'clean' out of --only")
-        if (caption_fillers or token_identity or token_context or keep_autoencoder or grayscale_share != 0.15
-                or unet_stop_at != 1250):
-            raise SauError("--caption-fillers, --token-identity, --token-context, --grayscale-share, "
-                           "--unet-stop-at and --keep-autoencoder change the clean organism; not with --from-clean")
+        # the options that shape the clean organism, away from their defaults
+        changed = [p.opts[0] for p in ctx.command.params
+                   if p.name in CLEAN_ORGANISM_OPTIONS and ctx.params[p.name] != p.get_default(ctx)]
+        if changed:
+            raise SauError(f"not with --from-clean, which keeps the clean organism: {', '.join(changed)}")
         implant_on_committed_clean(seed=seed, out=out or ORGANISM_DIR, only=only)
         return
     build_all(seed=seed, work=work, out=out or ORGANISM_DIR, unet_steps=unet_steps, only=only,
