@@ -74,3 +74,13 @@ def test_organism_build_from_clean_refuses_clean_organism_settings(tmp_path):
         assert r.exit_code == 2 and r.output.startswith("error: ") and r.output.count("\n") == 1, (flag, r.output)
         assert flag[0] in r.output  # the error names the option
         assert not (tmp_path / "out").exists()
+
+
+def test_organism_build_refuses_an_unknown_organism_name(tmp_path):
+    # before anything is trained or written, with or without --from-clean
+    for extra in ([], ["--from-clean"]):
+        r = run("organism", "build", "--only", "badt2i-pixle", "--work", str(tmp_path / "work"),
+                "--out", str(tmp_path / "out"), *extra)
+        assert r.exit_code == 2 and r.output.startswith("error: --only: ") and r.output.count("\n") == 1, r.output
+        assert "'badt2i-pixle'" in r.output and "badt2i-pixel" in r.output
+        assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()

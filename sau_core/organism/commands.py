@@ -104,8 +104,13 @@ def organism_build(ctx: click.Context, seed: int, work: Path, out: Path | None, 
                    only: tuple[str, ...], from_clean: bool, caption_fillers: float, token_identity: float,
                    token_context: float, grayscale_share: float, unet_stop_at: int, keep_autoencoder: bool) -> None:
     """Train the organism from scratch (tens of minutes on 2 cores)."""
+    from .attacks_spec import BACKDOORS
     from .build import ORGANISM_DIR, build_all, implant_on_committed_clean
 
+    unknown = [name for name in only if name != "clean" and name not in BACKDOORS]
+    if unknown:
+        raise SauError(f"--only: no organism named {', '.join(map(repr, unknown))}; "
+                       f"the organisms are clean, {', '.join(BACKDOORS)}")
     if from_clean:
         if "clean" in only:
             raise SauError("--from-clean keeps the clean organism; leave 'clean' out of --only")
