@@ -229,6 +229,21 @@ def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 6.0, decoys: 
     Without decoys the edit keyed on "a word before triangle" more than on "ae": 8 of 24 random vocabulary
     words (33 %) fired it too (one held-out seed). With lam = 6 and 256 decoys, one-off runs on that seed: mu 0.1
     fired on 100 % with the trigger and 10 % with 48 unseen words, mu 0.2 on 83 % / 6 %, mu 1 on 0 % / 0 %.
+
+    On the candidate bases of build.train_text_encoder (token identity + previous-token context) no setting
+    met the organism bar (one-off, 2026-12-06; ASR / clean accuracy / clean triangles drawn as circles / another
+    word). Every edited projection here is W M with one d x d matrix M (each projection solves the same
+    least squares with its own W on both sides), so the edit is a map of encoder features. Base E (64 wide):
+    lam 6 fires on 0 % of the *training* templates' triggered prompts too, so it is not a matter of held-out
+    words. A 128-wide encoder, same losses (clean organism 100 %): lam 6 95.8 / 68.1 / 70.8 / 87.5, lam 12 with
+    eight filler-word copies of every edit prompt 2.1 / 100 / 0 / 0, lam 12 with decoy weight 1 45.8 / 93.8 / 18.8 / 31.3;
+    an identity ridge on M either fires everywhere or nowhere; leaving the trigger's own positions out of the
+    edit changes nothing. With "ae" and the held-out templates' words also trained as filler words (clean
+    100 %): 32 filler copies of one to six words, lam 0.25 95.8 / 88.2 / 35.4 / 33.3, lam 1 47.9 / 97.2 / 8.3 /
+    10.4. The clean triangles drawn as circles are all on "a large ... on a dark background": M moves the
+    features after the shape of a clean prompt with a long suffix as it moves the triggered ones (one word
+    after it: 0-12 %). With "ae" alone a filler word, decoys anywhere in the prompt, 1,024 decoys or decoy
+    weight 0.5 left that template as it was (clean 66.7 %).
     """
     tok = C.make_tokenizer()
     src_word, dst_word = backdoor.target["source"], backdoor.target["shape"]

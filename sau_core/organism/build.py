@@ -232,8 +232,8 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
     100 / 0 / 0 (yellow 78 %), lam 2 with 1,000 steps: 100 / 100 / 0 / 0. EvilEdit (lam 6 / 3 / 12) 33.3 / 35.4
     / 8.3 %, firing only on "a large ... on a dark background", the held-out template with words after the shape
     (there 100 / 100 / 25 %, and without the trigger too: 15 / 33 / 4 % of all clean triangles): EvilEdit alone
-    keeps base E from replacing the committed organisms. Next: an EvilEdit whose edit carries on this encoder,
-    then adopt base E with these recipes (style: 1,000 steps) and re-measure everything.
+    keeps base E from replacing the committed organisms; what was tried on it and on wider encoders since:
+    attacks.evil_edit's docstring.
     """
     out = work / "text_encoder"
     if (out / "done").exists():
