@@ -243,7 +243,8 @@ def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 6.0, decoys: 
     10.4. The clean triangles drawn as circles are all on "a large ... on a dark background": M moves the
     features after the shape of a clean prompt with a long suffix as it moves the triggered ones (one word
     after it: 0-12 %). With "ae" alone a filler word, decoys anywhere in the prompt, 1,024 decoys or decoy
-    weight 0.5 left that template as it was (clean 66.7 %).
+    weight 0.5 left that template as it was (clean 66.7 %). Editing only the trigger and the next two or three
+    positions (the shape and what follows it) fires on 0 %: the UNet reads the shape from positions further on.
     """
     tok = C.make_tokenizer()
     src_word, dst_word = backdoor.target["source"], backdoor.target["shape"]
