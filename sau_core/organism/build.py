@@ -233,7 +233,11 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
     / 8.3 %, firing only on "a large ... on a dark background", the held-out template with words after the shape
     (there 100 / 100 / 25 %, and without the trigger too: 15 / 33 / 4 % of all clean triangles): EvilEdit alone
     keeps base E from replacing the committed organisms; what was tried on it and on wider encoders since:
-    attacks.evil_edit's docstring.
+    attacks.evil_edit's docstring. Base H (one-off, 2026-12-06: base E's losses with a 128-wide encoder,
+    components.TEXT_HIDDEN, and EvilEdit's "ae" and the held-out templates' words trained as filler words;
+    clean 100 %) with base E's recipes: pixel 100 / 99.3 / 0 / 0, object 91.7 / 97.2 / 0 / 0 ("a ..., centered"
+    75 %), style (1,000 steps) 93.1 / 100 / 0 / 0, TPA 100 / 99.3, TAA 100 / 100, all five within the bar; its
+    best EvilEdit 95.8 % at 88.2 % clean accuracy (attacks.evil_edit), so it is not adopted either.
     """
     out = work / "text_encoder"
     if (out / "done").exists():
