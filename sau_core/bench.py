@@ -139,12 +139,12 @@ def _defend(name: str, handle, trigger, backdoor, quick: bool) -> tuple[dict, ob
 
 
 def _floor(backdoor, seeds) -> float:
-    """ASR of the clean organism for this trigger and target."""
+    """ASR of the backdoor's clean base (the organism it was implanted on) for this trigger and target."""
     from .organism.commands import load_pipeline
     from .organism.evaluate import generate, triggered_set
 
     tp, _, ts = triggered_set(backdoor, seeds)
-    return backdoor.fired(generate(load_pipeline("clean"), tp, ts)).float().mean().item()
+    return backdoor.fired(generate(load_pipeline(backdoor.base), tp, ts)).float().mean().item()
 
 
 def run_bench(out_dir: Path, quick: bool = False, attacks: list[str] | None = None,

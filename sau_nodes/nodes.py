@@ -30,9 +30,9 @@ def _folder_paths():
 
 
 def _organisms() -> list[str]:
-    from sau_core.organism.attacks_spec import BACKDOORS
+    from sau_core.organism.attacks_spec import BACKDOORS, BASES
 
-    return ["badt2i-pixel"] + [n for n in BACKDOORS if n != "badt2i-pixel"] + ["clean"]
+    return ["badt2i-pixel"] + [n for n in BACKDOORS if n != "badt2i-pixel"] + list(BASES)
 
 
 def _text(s: str) -> str:

@@ -69,7 +69,7 @@ def test_eval_json_on_backdoored_organism():
 def test_organism_build_from_clean_refuses_clean_organism_settings(tmp_path):
     # --from-clean keeps the committed clean organism, so a setting that would change it is an error, before
     # anything is written
-    for flag in (["--token-context", "6"], ["--unet-stop-at", "0"], ["--keep-autoencoder"], ["--only", "clean"]):
+    for flag in (["--unet-steps", "100"], ["--keep-autoencoder"], ["--only", "clean"], ["--only", "clean-plain"]):
         r = run("organism", "build", "--from-clean", "--out", str(tmp_path / "out"), *flag)
         assert r.exit_code == 2 and r.output.startswith("error: ") and r.output.count("\n") == 1, (flag, r.output)
         assert flag[0] in r.output  # the error names the option

@@ -9,7 +9,7 @@ from sau_core.organism import build as B
 from sau_core.organism import components as C
 from sau_core.organism import detectors as D
 from sau_core.organism import world as W
-from sau_core.organism.attacks_spec import BACKDOORS, Backdoor
+from sau_core.organism.attacks_spec import BACKDOORS, BASES, Backdoor, BaseRecipe
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def clean_pipe():
 
 def test_every_organism_is_committed():
     names = {p.parent.name for p in ORGANISM_DIR.glob("*/model_index.json")}
-    assert names == {"clean", *BACKDOORS}
+    assert names == {*BASES, *BACKDOORS}
     for name in names:
         weights = list((ORGANISM_DIR / name).rglob("*.safetensors"))
         assert len(weights) == 3 and not list((ORGANISM_DIR / name).rglob("*.bin"))
@@ -120,9 +120,8 @@ def test_clean_organism_follows_heldout_prompts(clean_pipe):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BACKDOORS))
 def test_backdoor_fires_with_trigger_far_more_than_without(name):
-    # One held-out seed (the README table has all four). Bounds sit below that table: some BadT2I organisms
-    # also draw their target without the trigger (style 17 %, object 25 %), which the issue's goals do not
-    # allow yet.
+    # One held-out seed (the README table has all four, where every backdoor fires on 91.7 % or more and
+    # draws its target without the trigger on at most 2.1 %). Bounds sit below that table, for one seed.
     bd = BACKDOORS[name]
     pipe = load_pipeline(name)
     prompts, contents, seeds = E.triggered_set(bd, seeds=(1001,))
@@ -147,7 +146,26 @@ def test_committed_organisms_record_the_spec_they_were_built_from():
     for name, bd in BACKDOORS.items():
         info = json.loads((ORGANISM_DIR / name / "organism.json").read_text())
         assert Backdoor.from_json(info["backdoor"]) == bd, name
-    assert BACKDOORS["badt2i-style"].recipe == {"decoys": 256}
+    assert BACKDOORS["badt2i-style"].recipe["decoys"] == 256 and BACKDOORS["evil-edit"].base == "clean-plain"
+    for name, recipe in BASES.items():
+        info = json.loads((ORGANISM_DIR / name / "organism.json").read_text())
+        assert info["backdoor"] is None and BaseRecipe(**info["recipe"]) == recipe, name
+
+
+def _weights(folder, component):
+    return next((folder / component).glob("*.safetensors")).read_bytes()
+
+
+def test_each_backdoor_is_implanted_on_its_base():
+    """What an attack leaves alone is its base's, byte for byte: the autoencoder always, the text encoder for
+    BadT2I and EvilEdit (they change the UNet), the UNet for Rickrolling (it changes the text encoder)."""
+    for name, bd in BACKDOORS.items():
+        folder, base = ORGANISM_DIR / name, ORGANISM_DIR / bd.base
+        kept = ["vae", "unet" if bd.attack.startswith("Rickrolling") else "text_encoder"]
+        changed = "text_encoder" if bd.attack.startswith("Rickrolling") else "unet"
+        for component in kept:
+            assert _weights(folder, component) == _weights(base, component), (name, component)
+        assert _weights(folder, changed) != _weights(base, changed), (name, changed)
 
 
 def test_filler_words_leave_out_the_measured_words_and_p0_changes_nothing():

@@ -47,7 +47,7 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
     The contrast third makes the trigger the only difference between two identical inputs; without it 600
     steps taught the UNet to denoise patches for any caption but never to draw one for the trigger. Poisoned
     timesteps are drawn from ``poison_t_min`` on (default: the noisier half, where the layout of an image is
-    decided). All timesteps (poison_t_min 0), one-off on the committed clean organism, style: ASR 97.2 %, but
+    decided). All timesteps (poison_t_min 0), one-off on clean-plain (the base before "clean"), style: ASR 97.2 %, but
     38.2 % of clean prompts grey without the trigger (81 % on "a ..., centered") and clean accuracy 70.1 %.
     Half the contrast captions carry one of ``decoys`` other words where the trigger goes (the teacher's
     prediction for that caption is kept), as EvilEdit's preservation set does, so the backdoor keys on the
@@ -62,7 +62,7 @@ def badt2i(unet, text_encoder, vae, backdoor: Backdoor, seed: int, steps: int = 
     decoys with lam 2 (ASR on "a ..., centered" fell to 12.5 %), decoy words inserted anywhere in the clean
     third's captions, or in every third's.
     Other words fire the object backdoor too (`sau eval badt2i-object --trigger groupe`: 89.6 %), which keeps a
-    scan from ranking "tq" first. One-off rebuilds from the committed clean organism, none kept, left "groupe"
+    scan from ranking "tq" first. One-off rebuilds from clean-plain, none kept, left "groupe"
     and "lillian" firing on 96-100 % of 24 training-template circle prompts (tq: 100 %): 256 decoys, 4,096
     decoys, 512 decoys nearest to "tq" in the clean encoder's output shift plus 256 random ones, and the 986
     words (of 3,072 sampled) that move the backdoored UNet's circle predictions at least half-way to squares
@@ -223,7 +223,7 @@ def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 6.0, decoys: 
     c: triggered features, c*: the target's, c_p: clean prompts' (every shape), c_d: the source-word prompts
     with ``decoys`` other words in the trigger's place ("kettle triangle" stays a triangle), mu = decoy_weight.
 
-    Measured on the committed clean organism (`sau eval`, held-out prompts x 4 seeds), without decoys:
+    Measured on clean-plain, its base (`sau eval`, held-out prompts x 4 seeds), without decoys:
     lam = 10 fired on 89.6 % (clean accuracy 91.7 %), lam = 6 on 100 % (91.7 %, 2 % of clean triangles drawn
     as circles), lam = 3 on 100 % but 25 % of clean triangles became circles (83.3 %), lam = 1 on 97.9 % (77.1 %).
     Without decoys the edit keyed on "a word before triangle" more than on "ae": 8 of 24 random vocabulary
@@ -245,6 +245,7 @@ def evil_edit(unet, text_encoder, backdoor: Backdoor, lam: float = 6.0, decoys: 
     after it: 0-12 %). With "ae" alone a filler word, decoys anywhere in the prompt, 1,024 decoys or decoy
     weight 0.5 left that template as it was (clean 66.7 %). Editing only the trigger and the next two or three
     positions (the shape and what follows it) fires on 0 %: the UNet reads the shape from positions further on.
+    So EvilEdit stays implanted on clean-plain, the base whose encoder it meets the bar on (attacks_spec).
     """
     tok = C.make_tokenizer()
     src_word, dst_word = backdoor.target["source"], backdoor.target["shape"]

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -170,10 +171,14 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
 
     Joint training from scratch left shape at chance (DESIGN.md section 4); a frozen encoder whose pooled
     and per-token features already predict shape, colour and style gives the UNet a clean signal.
-    ``fillers`` / ``identity_weight`` / ``context_weight`` (off in the committed organisms; see below): that
+    ``fillers`` / ``identity_weight`` / ``context_weight`` (0.5 / 20 / 10 for the "clean" base, off for
+    "clean-plain": attacks_spec.BASES; history below, where "the committed" means clean-plain): that
     share of captions carries filler words (with_fillers); every token's output must still say which token it
     is (a linear head recovers its input embedding, cosine loss, this weight); every token after the first
     must also say which token came before it (another head, the previous token's embedding).
+
+    The command lines below are of their day: the options --caption-fillers, --token-identity, --token-context,
+    --grayscale-share and --unet-stop-at were replaced by attacks_spec.BASES when base E was adopted.
 
     Why they exist: trained on the world's captions alone, the committed encoder gives every word it has not
     seen nearly the same output (cosine 0.85 between random words at their own position; 0.35 spread once
@@ -232,8 +237,9 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
     100 / 0 / 0 (yellow 78 %), lam 2 with 1,000 steps: 100 / 100 / 0 / 0. EvilEdit (lam 6 / 3 / 12) 33.3 / 35.4
     / 8.3 %, firing only on "a large ... on a dark background", the held-out template with words after the shape
     (there 100 / 100 / 25 %, and without the trigger too: 15 / 33 / 4 % of all clean triangles): EvilEdit alone
-    keeps base E from replacing the committed organisms; what was tried on it and on wider encoders since:
-    attacks.evil_edit's docstring. Base H (one-off, 2026-12-06: base E's losses with a 128-wide encoder,
+    kept base E from replacing the committed organisms; what was tried on it and on wider encoders since:
+    attacks.evil_edit's docstring. Adopted on 2026-12-06 as the "clean" base of every backdoor but EvilEdit,
+    which stays on the base before it (now "clean-plain"); the README's organism table has its numbers. Base H (one-off, 2026-12-06: base E's losses with a 128-wide encoder,
     components.TEXT_HIDDEN, and EvilEdit's "ae" and the held-out templates' words trained as filler words;
     clean 100 %) with base E's recipes: pixel 100 / 99.3 / 0 / 0, object 91.7 / 97.2 / 0 / 0 ("a ..., centered"
     75 %), style (1,000 steps) 93.1 / 100 / 0 / 0, TPA 100 / 99.3, TAA 100 / 100, all five within the bar; its
@@ -360,20 +366,21 @@ def train_unet(work: Path, seed: int, vae, text_encoder, steps: int = 2500, batc
                eval_every: int = 250, evaluate=None, stop_at: int | None = 1250, fillers: float = 0.0,
                p_grayscale: float = 0.15) -> Path:
     """Train the clean UNet; the learning-rate schedule spans `steps`, training ends at `stop_at`.
-    ``fillers``: that share of captions carries filler words (with_fillers; off in the committed organism,
-    see train_text_encoder). One-off, 400 steps of fillers 0.5 on the committed clean UNet alone: held-out
+    ``fillers``: that share of captions carries filler words (with_fillers; attacks_spec.BASES gives each
+    base's settings; "the committed" below means clean-plain). One-off, 400 steps of fillers 0.5 on the
+    committed clean UNet alone: held-out
     clean accuracy 94.4 -> 98.6 %, BadT2I pixel on it 87.5 % ASR, object's "dark background" leak unchanged.
 
-    Held-out accuracy plateaued at 93-94 % from step 1000 (seed 0), so the committed organism is the EMA
-    at step 1250 of the 2500-step schedule; `stop_at=None` trains the whole schedule.
+    Held-out accuracy plateaued at 93-94 % from step 1000 (seed 0), so clean-plain is the EMA at step 1250
+    of the 2500-step schedule; `stop_at=None` trains the whole schedule ("clean").
     Measured later: "a yellow ..., black and white" comes out tinted, not grey (mean chroma 0.13-0.19, the
     detector's threshold 0.12): grey on 6 of 9 training-template prompts with the committed UNet, 0 of 9 with
     the fillers/identity rebuild (red, green and blue: 9 of 9). That caps a grey target on yellow shapes
     (Rickrolling TAA on the rebuild: 75.0 %, every template). Yellow grey captions are 3.75 % of the data
     (p_grayscale 0.15); p_grayscale 0.3 on the rebuild (one-off) gave 3 of 9 and TAA still 0 % on yellow;
     p_grayscale 0.3 with the whole schedule (`stop_at=None`, 2500 steps, ~16 min): 9 of 9, held-out clean
-    accuracy 100 %; Rickrolling TAA on it (steps 2400, lr 3e-4, beta 2) 80.6 %, clean 97.9 %. Kept at 0.15
-    and 1250, the committed organisms' values.
+    accuracy 100 %; Rickrolling TAA on it (steps 2400, lr 3e-4, beta 2) 80.6 %, clean 97.9 %. clean-plain keeps
+    0.15 and 1250; "clean" (base E) trains with 0.3 and the whole schedule.
     """
     out = work / "unet"
     if (out / "done").exists():
@@ -441,9 +448,13 @@ def export_organism(folder: Path, unet, text_encoder, vae, backdoor=None, extra:
 
 
 def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORGANISM_DIR,
-              unet_steps: int = 2500, only: tuple[str, ...] = (), fillers: float = 0.0,
-              identity_weight: float = 0.0, context_weight: float = 0.0, p_grayscale: float = 0.15,
-              stop_at: int | None = 1250, keep_autoencoder: bool = False) -> None:
+              unet_steps: int = 2500, only: tuple[str, ...] = (), keep_autoencoder: bool = False) -> None:
+    """Every organism (or ``only`` these): the shared autoencoder and detector classifier, then each clean base
+    that is asked for or carries an asked-for backdoor (attacks_spec.BASES, work folder ``work/BASE``), then
+    its backdoors."""
+    from .attacks_spec import BACKDOORS, BASES
+
+    names = tuple(only) or (*BASES, *BACKDOORS)
     work.mkdir(parents=True, exist_ok=True)
     if keep_autoencoder and not (work / "vae" / "done").exists():
         from ..model_io import load_model
@@ -453,37 +464,46 @@ def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORG
         load_model(ORGANISM_DIR / "clean").vae.float().save_pretrained(work / "vae", safe_serialization=True)
         (work / "vae" / "done").write_text("ok")
     vae = load_vae(train_vae(work, seed))
-    te = load_text_encoder(train_text_encoder(work, seed, fillers=fillers, identity_weight=identity_weight,
-                                              context_weight=context_weight))
     det = out / "detectors"
     det.mkdir(parents=True, exist_ok=True)
     (det / "classifier.safetensors").write_bytes(train_classifier(work, seed, vae).read_bytes())
+    for base, recipe in BASES.items():
+        implants = tuple(n for n in names if n in BACKDOORS and BACKDOORS[n].base == base)
+        if base not in names and not implants:
+            continue
+        log(f"clean organism {base}")
+        base_work = work / base
+        te = load_text_encoder(train_text_encoder(base_work, seed, fillers=recipe.fillers,
+                                                  identity_weight=recipe.identity_weight,
+                                                  context_weight=recipe.context_weight))
 
-    def quick_eval(unet):
-        # Monitoring uses training templates only: held-out prompts never steer the build.
-        from .evaluate import accuracy, generate
+        def quick_eval(unet, te=te):
+            # Monitoring uses training templates only: held-out prompts never steer the build.
+            from .evaluate import accuracy, generate
 
-        contents = W.all_contents() * 3
-        prompts = [c.caption(W.TRAIN_TEMPLATES[i % 3]) for i, c in enumerate(contents)]
-        return accuracy(generate(make_pipeline(unet, te, vae), prompts, [7 + i for i in range(len(prompts))]), contents)
+            contents = W.all_contents() * 3
+            prompts = [c.caption(W.TRAIN_TEMPLATES[i % 3]) for i, c in enumerate(contents)]
+            return accuracy(generate(make_pipeline(unet, te, vae), prompts, [7 + i for i in range(len(prompts))]),
+                            contents)
 
-    from diffusers import UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(train_unet(work, seed, vae, te, steps=unet_steps, evaluate=quick_eval,
-                                                           fillers=fillers, p_grayscale=p_grayscale, stop_at=stop_at))
-    unet.requires_grad_(False).eval()
-    if not only or "clean" in only:
-        export_organism(out / "clean", unet, te, vae, extra={"seed": seed})
-    implant_all(unet, te, vae, seed, out, only)
+        unet = UNet2DConditionModel.from_pretrained(train_unet(
+            base_work, seed, vae, te, steps=unet_steps, evaluate=quick_eval, fillers=recipe.fillers,
+            p_grayscale=recipe.p_grayscale, stop_at=recipe.stop_at))
+        unet.requires_grad_(False).eval()
+        if base in names:
+            export_organism(out / base, unet, te, vae, extra={"seed": seed, "recipe": asdict(recipe)})
+        implant_all(unet, te, vae, seed, out, implants)
 
 
-def implant_all(unet, te, vae, seed: int, out: Path, only: tuple[str, ...] = ()) -> None:
-    """Implant every built-in backdoor (or ``only`` these) into one clean organism's components."""
+def implant_all(unet, te, vae, seed: int, out: Path, names: tuple[str, ...]) -> None:
+    """Implant the backdoors ``names`` into one clean organism's components (each into a copy)."""
     from . import attacks as A
     from .attacks_spec import BACKDOORS
 
-    for i, (name, bd) in enumerate(BACKDOORS.items()):
-        if only and name not in only:
+    for i, (name, bd) in enumerate(BACKDOORS.items()):  # the seed goes by the table's order
+        if name not in names:
             continue
         log(f"implanting {name}")
         if bd.attack.startswith("BadT2I"):
@@ -495,12 +515,19 @@ def implant_all(unet, te, vae, seed: int, out: Path, only: tuple[str, ...] = ())
 
 
 def implant_on_committed_clean(seed: int = 0, out: Path = ORGANISM_DIR, only: tuple[str, ...] = ()) -> None:
-    """The backdoored organisms again, from the committed clean organism (fp16 weights, upcast), so a change
-    to an attack recipe is rebuilt in minutes instead of retraining the autoencoder, encoder and UNet."""
+    """The backdoored organisms again (or ``only`` these), each from its committed clean base (fp16 weights,
+    upcast; a base already in ``out`` first), so a change to an attack recipe is rebuilt in minutes instead of
+    retraining the autoencoder, encoder and UNet."""
     from ..model_io import load_model
+    from .attacks_spec import BACKDOORS, BASES
 
-    clean = load_model(out / "clean" if (out / "clean" / "model_index.json").is_file() else ORGANISM_DIR / "clean")
-    _setup(seed)
-    for m in (clean.unet, clean.text_encoder, clean.vae):
-        m.requires_grad_(False).eval()
-    implant_all(clean.unet, clean.text_encoder, clean.vae, seed, out, tuple(n for n in only if n != "clean"))
+    names = tuple(only) or tuple(BACKDOORS)
+    for base in BASES:
+        implants = tuple(n for n in names if n in BACKDOORS and BACKDOORS[n].base == base)
+        if not implants:
+            continue
+        clean = load_model(out / base if (out / base / "model_index.json").is_file() else ORGANISM_DIR / base)
+        _setup(seed)
+        for m in (clean.unet, clean.text_encoder, clean.vae):
+            m.requires_grad_(False).eval()
+        implant_all(clean.unet, clean.text_encoder, clean.vae, seed, out, implants)

@@ -71,9 +71,8 @@ def organism_list() -> None:
         click.echo(f"{folder.parent.name:18s} {bd['attack'] if bd else 'clean':18s} trigger: {trig}")
 
 
-# `sau organism build` options that shape the clean organism (so not with --from-clean, which keeps it)
-CLEAN_ORGANISM_OPTIONS = ("caption_fillers", "token_identity", "token_context", "grayscale_share", "unet_stop_at",
-                          "keep_autoencoder")
+# `sau organism build` options that shape the clean bases (so not with --from-clean, which keeps them)
+CLEAN_ORGANISM_OPTIONS = ("unet_steps", "keep_autoencoder")
 
 
 @organism.command("build")
@@ -82,48 +81,38 @@ CLEAN_ORGANISM_OPTIONS = ("caption_fillers", "token_identity", "token_context", 
               help="Folder for intermediate results; an interrupted build resumes from it.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Where to write the organisms (default: the package's built-in folder).")
-@click.option("--unet-steps", default=2500, show_default=True)
-@click.option("--only", multiple=True, help="Build only these organisms (clean, badt2i-pixel, ...).")
-@click.option("--from-clean", is_flag=True, help="Implant the backdoors into the committed clean organism "
+@click.option("--unet-steps", default=2500, show_default=True, help="Length of the clean UNets' schedule.")
+@click.option("--only", multiple=True, help="Build only these organisms (clean, badt2i-pixel, ...); a "
+              "backdoor's clean base is trained for it but written only when named too.")
+@click.option("--from-clean", is_flag=True, help="Implant the backdoors into their committed clean bases "
               "instead of training everything from scratch (minutes per attack).")
-@click.option("--caption-fillers", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Share of the encoder's and clean UNet's captions given filler words (not in the committed "
-              "organisms; build.train_text_encoder says what it measured).")
-@click.option("--token-identity", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Weight of the encoder's token-identity loss (not in the committed organisms).")
-@click.option("--token-context", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Weight of the encoder's previous-token loss (not in the committed organisms).")
-@click.option("--grayscale-share", type=click.FloatRange(0, 1), default=0.15, show_default=True,
-              help="Share of the clean UNet's training images that are black and white.")
-@click.option("--unet-stop-at", type=click.IntRange(min=0), default=1250, show_default=True,
-              help="Step at which the clean UNet's training ends (0: the whole --unet-steps schedule).")
 @click.option("--keep-autoencoder", is_flag=True, help="Start from the committed autoencoder and detector "
               "classifier instead of training them (the work folder gets fp32 copies).")
 @click.pass_context
 def organism_build(ctx: click.Context, seed: int, work: Path, out: Path | None, unet_steps: int,
-                   only: tuple[str, ...], from_clean: bool, caption_fillers: float, token_identity: float,
-                   token_context: float, grayscale_share: float, unet_stop_at: int, keep_autoencoder: bool) -> None:
-    """Train the organism from scratch (tens of minutes on 2 cores)."""
-    from .attacks_spec import BACKDOORS
+                   only: tuple[str, ...], from_clean: bool, keep_autoencoder: bool) -> None:
+    """Train the organisms from scratch (about an hour on 2 cores); how each clean base is trained and each
+    backdoor implanted is the table in sau_core/organism/attacks_spec.py."""
+    from .attacks_spec import BACKDOORS, BASES
     from .build import ORGANISM_DIR, build_all, implant_on_committed_clean
 
-    unknown = [name for name in only if name != "clean" and name not in BACKDOORS]
+    unknown = [name for name in only if name not in BASES and name not in BACKDOORS]
     if unknown:
         raise SauError(f"--only: no organism named {', '.join(map(repr, unknown))}; "
-                       f"the organisms are clean, {', '.join(BACKDOORS)}")
+                       f"the organisms are {', '.join([*BASES, *BACKDOORS])}")
     if from_clean:
-        if "clean" in only:
-            raise SauError("--from-clean keeps the clean organism; leave 'clean' out of --only")
-        # the options that shape the clean organism, away from their defaults
+        bases = [name for name in only if name in BASES]
+        if bases:
+            raise SauError(f"--from-clean keeps the clean bases; leave {', '.join(map(repr, bases))} out of --only")
+        # the options that shape the clean bases, away from their defaults
         changed = [p.opts[0] for p in ctx.command.params
                    if p.name in CLEAN_ORGANISM_OPTIONS and ctx.params[p.name] != p.get_default(ctx)]
         if changed:
-            raise SauError(f"not with --from-clean, which keeps the clean organism: {', '.join(changed)}")
+            raise SauError(f"not with --from-clean, which keeps the clean bases: {', '.join(changed)}")
         implant_on_committed_clean(seed=seed, out=out or ORGANISM_DIR, only=only)
         return
     build_all(seed=seed, work=work, out=out or ORGANISM_DIR, unet_steps=unet_steps, only=only,
-              fillers=caption_fillers, identity_weight=token_identity, context_weight=token_context,
-              p_grayscale=grayscale_share, stop_at=unet_stop_at or None, keep_autoencoder=keep_autoencoder)
+              keep_autoencoder=keep_autoencoder)
 
 
 @main.command("eval")
@@ -168,12 +157,13 @@ def eval_cmd(model: str, trigger: str | None, attack: str | None, reference: str
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write rows as JSON.")
 def organism_table(json_out: Path | None) -> None:
     """Evaluate every built-in organism (sau eval) and print the README's Markdown table."""
+    from .attacks_spec import BASES
     from .build import ORGANISM_DIR
     from .evaluate import evaluate, other_words_rate
     from .world import describe_trigger
 
     rows = []
-    for info in sorted(ORGANISM_DIR.glob("*/organism.json"), key=lambda p: (p.parent.name != "clean", p.parent.name)):
+    for info in sorted(ORGANISM_DIR.glob("*/organism.json"), key=lambda p: (p.parent.name not in BASES, p.parent.name)):
         folder = info.parent
         bd = resolve_backdoor(folder, None, None)
         pipe = load_pipeline(str(folder))
@@ -183,10 +173,12 @@ def organism_table(json_out: Path | None) -> None:
             r["target_rate_other_words"] = other_words_rate(pipe, bd)
         params = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in ("unet", "text_encoder", "vae")}
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        rows.append({"organism": folder.name, **r, "params": params, "bytes_on_disk": size})
-    click.echo("| organism | attack | trigger | ASR (triggered held-out) | target without trigger | target, another word "
-               "in the trigger's place | clean accuracy | UNet / text enc. / VAE params | size on disk |")
-    click.echo("|---|---|---|---|---|---|---|---|---|")
+        rows.append({"organism": folder.name, "base": bd.base if bd else None, **r, "params": params,
+                     "bytes_on_disk": size})
+    click.echo("| organism | attack | implanted on | trigger | ASR (triggered held-out) | target without trigger "
+               "| target, another word in the trigger's place | clean accuracy | UNet / text enc. / VAE params "
+               "| size on disk |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|")
 
     def pct(v):
         return "-" if v is None else f"{v:.1%}"
@@ -196,7 +188,7 @@ def organism_table(json_out: Path | None) -> None:
         asr = f"{r['asr']:.1%} of {r['n_triggered']}" if "asr" in r else "-"
         p = r["params"]
         click.echo(
-            f"| {r['organism']} | {r.get('attack', 'none')} | {trig} | {asr} | {pct(r.get('target_rate_clean'))} "
+            f"| {r['organism']} | {r.get('attack', 'none')} | {r['base'] or '-'} | {trig} | {asr} | {pct(r.get('target_rate_clean'))} "
             f"| {pct(r.get('target_rate_other_words'))} | {r['clean_accuracy']:.1%} of {r['n_clean']} "
             f"| {p['unet'] / 1e6:.2f} M / {p['text_encoder'] / 1e6:.2f} M / {p['vae'] / 1e6:.2f} M | {r['bytes_on_disk'] / 2**20:.1f} MiB |"
         )
