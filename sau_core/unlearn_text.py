@@ -6,7 +6,10 @@ target-attribute attacks), the UNet never sees enough to undo it: the triggered 
   relative to how far look-alike control strings inserted the same way move it (accented/Greek letters for a
   single non-ASCII character, random vocabulary words for a word trigger). A clean encoder moves about as
   much for the trigger as for the controls (ratio near 1; measured 0.6-1.1 on the organism's clean and
-  UNet-backdoored encoders); a poisoned one moves far more (2.8 and 3.1 on the Rickrolling organisms).
+  UNet-backdoored encoders); a poisoned one moves far more (2.8 and 3.1 on the Rickrolling organisms built
+  on clean-plain). On the ones rebuilt on "clean" (2026-12-06, `sau bench`'s text_shift_ratio): TPA 3.15, but
+  TAA 1.72, under the threshold, so its clean skips this stage; the UNet stage alone removed it (100 %, clean
+  accuracy kept). The threshold was left where it is (the clean-base encoders measured up to 1.01).
 * ``train_text_encoder``: peft LoRA on the encoder's attention and MLP projections, self-distilled: the
   encoder given the triggered prompt should output what the *same* encoder (adapters disabled) outputs for
   the clean prompt, position by aligned position (the trigger's own tokens map to the clean prompt's end
