@@ -31,7 +31,10 @@ Stages (cheapest first; each stage's survivors go on to the next)
        shared residual ``mean_p R_p`` keeps the patch and the target and drops the dilution.
     C. the top candidates: T2IShield-style attention assimilation (``ftt``): the mean pairwise cosine
        similarity of every prompt token's cross-attention map, triggered minus clean (a trigger's map
-       "assimilates" the others'), and heatmaps of the candidate's own attention.
+       "assimilates" the others'), and heatmaps of the candidate's own attention. Reported, never scored:
+       on the organisms rebuilt on the clean base (2026-12-06) the true trigger's mean assimilation is below
+       the clean prompts' for all five (-0.003 to -0.015, one-off), where clean-plain's TPA organism had it
+       above.
 
 Every statistic is turned into a robust z-value (median / 1.4826 MAD) against the vocabulary's own
 distribution: stage A against the whole vocabulary, stage B against the vocabulary sample it scored

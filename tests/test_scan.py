@@ -138,19 +138,23 @@ def test_common_statistic_finds_the_pixel_patch_and_ignores_dilution(handles):
 
 def test_common_statistic_and_assimilation_on_the_target_prompt_attack(handles):
     h = handles("rickrolling-tpa")
-    tok = h.tokenizer
     homos = [S.Candidate(ch, "pool", "homoglyph") for ch in S.homoglyph_pool()]
     i = next(k for k, c in enumerate(homos) if c.text == "\u0430")
     probe = S.UNetProbe(h, S.default_probe_prompts(4))
     st = probe.stats(homos)
     z = S.robust_z(st[:, 1], st[:, 1])
-    assert int(z.argmax()) == i and float(z[i]) > 2.5  # measured 3.0, top of the pool (the text z decides: 7.75)
-    # attention assimilation: the triggered prompts' token maps are more alike than the clean prompts'
+    # top of the pool; measured z 1.92 on the organism rebuilt on the clean base (3.0 on clean-plain); the
+    # text z decides the scan's score
+    assert int(z.argmax()) == i and float(z[i]) > 1.5
+    # attention assimilation (evidence only, never scored): one value per prompt row, a mean of cosines, the
+    # same when measured again. Its sign is not asserted: on clean-plain's TPA organism the triggered prompts'
+    # maps were more alike than the clean ones', on the organisms rebuilt on the clean base they are less
+    # alike for every trigger (scan.py's module doc).
     x, t = probe.xs[0], probe.ts[0]
-    a0 = S.assimilation(h, probe.pr.rows(None), x, t)
-    a1 = S.assimilation(h, probe.pr.rows(homos[i]), x, t)
-    assert float((a1 - a0).mean()) > 0
-    del tok
+    rows = probe.pr.rows(homos[i])
+    a1 = S.assimilation(h, rows, x, t)
+    assert a1.shape == (len(rows),) and bool(torch.isfinite(a1).all()) and float(a1.abs().max()) <= 1.0
+    assert torch.equal(a1, S.assimilation(h, rows, x, t))
 
 
 # ------------------------------------------------------------------------------------------- CLI
