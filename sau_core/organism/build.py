@@ -239,7 +239,8 @@ def train_text_encoder(work: Path, seed: int, steps: int = 800, batch: int = 64,
     (there 100 / 100 / 25 %, and without the trigger too: 15 / 33 / 4 % of all clean triangles): EvilEdit alone
     kept base E from replacing the committed organisms; what was tried on it and on wider encoders since:
     attacks.evil_edit's docstring. Adopted on 2026-12-06 as the "clean" base of every backdoor but EvilEdit,
-    which stays on the base before it (now "clean-plain"); the README's organism table has its numbers. Base H (one-off, 2026-12-06: base E's losses with a 128-wide encoder,
+    which stays on the base before it (now "clean-plain"); the README's organism table has its numbers.
+    Base H (one-off, 2026-12-06: base E's losses with a 128-wide encoder,
     components.TEXT_HIDDEN, and EvilEdit's "ae" and the held-out templates' words trained as filler words;
     clean 100 %) with base E's recipes: pixel 100 / 99.3 / 0 / 0, object 91.7 / 97.2 / 0 / 0 ("a ..., centered"
     75 %), style (1,000 steps) 93.1 / 100 / 0 / 0, TPA 100 / 99.3, TAA 100 / 100, all five within the bar; its
