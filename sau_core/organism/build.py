@@ -448,6 +448,13 @@ def export_organism(folder: Path, unet, text_encoder, vae, backdoor=None, extra:
     return folder
 
 
+def implanted_on(base: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The backdoors among ``names`` that are implanted on ``base`` (attacks_spec), in the table's order."""
+    from .attacks_spec import BACKDOORS
+
+    return tuple(n for n in BACKDOORS if n in names and BACKDOORS[n].base == base)
+
+
 def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORGANISM_DIR,
               unet_steps: int = 2500, only: tuple[str, ...] = (), keep_autoencoder: bool = False) -> None:
     """Every organism (or ``only`` these): the shared autoencoder and detector classifier, then each clean base
@@ -469,7 +476,7 @@ def build_all(seed: int = 0, work: Path = Path("runs/organism"), out: Path = ORG
     det.mkdir(parents=True, exist_ok=True)
     (det / "classifier.safetensors").write_bytes(train_classifier(work, seed, vae).read_bytes())
     for base, recipe in BASES.items():
-        implants = tuple(n for n in names if n in BACKDOORS and BACKDOORS[n].base == base)
+        implants = implanted_on(base, names)
         if base not in names and not implants:
             continue
         log(f"clean organism {base}")
@@ -524,7 +531,7 @@ def implant_on_committed_clean(seed: int = 0, out: Path = ORGANISM_DIR, only: tu
 
     names = tuple(only) or tuple(BACKDOORS)
     for base in BASES:
-        implants = tuple(n for n in names if n in BACKDOORS and BACKDOORS[n].base == base)
+        implants = implanted_on(base, names)
         if not implants:
             continue
         clean = load_model(out / base if (out / base / "model_index.json").is_file() else ORGANISM_DIR / base)
