@@ -36,14 +36,20 @@ Stages (cheapest first; each stage's survivors go on to the next)
        the clean prompts' for all five (-0.003 to -0.015, one-off), where clean-plain's TPA organism had it
        above.
 
-Every statistic is turned into a robust z-value (median / 1.4826 MAD) against the vocabulary's own
-distribution: stage A against the whole vocabulary, stage B against the vocabulary sample it scored
-(homoglyph swaps, which have no vocabulary counterpart, against the pool of all look-alike characters).
-A candidate's score is its largest z over the statistics, corrected for how many candidates of its family
-were compared (``family_score``: the whole vocabulary for the text sweep, the scored sample, the zoo strings,
-the homoglyphs, the pairs; Bonferroni over the family and the statistics, back on the z scale): the top of
-49,406 tokens reaches z 4.1 by chance alone, the top of 30 pairs about 2. The scan is "suspicious" when the
-top score reaches ``THRESHOLD`` (family-wise one-sided p below 0.001 if the robust z were normal; they have
+Every statistic is turned into a robust z-value (median / 1.4826 MAD) against strings like the candidate:
+stage A against the whole vocabulary; stage B single tokens against the vocabulary sample it scored,
+strings of k tokens against random sequences of k vocabulary tokens (``random_sequences``, k up to
+``MAX_NULL_TOKENS``: each added token dilutes the prompt more), homoglyph swaps against the pool of
+look-alike characters (their text shift against every pool character put in place of the same letter,
+``letter_swaps``). Pairs of the best single tokens are scored on ``synergy`` (``pair_synergy``: their common
+shift over the sum of their tokens' own, against random pairs of the sample): two strong tokens add up, a
+two-token trigger fires only whole.
+A candidate's score is its largest z over the scored statistics (``SCORED``: common, synergy for pairs,
+reference; the text shift and the change are evidence, see SCORED's comment), corrected for how many
+candidates of its family were compared (``family_score``: the scored sample, the zoo strings, the
+homoglyphs, the pairs; Bonferroni over the family and the statistics, back on the z scale): the top of 49,406
+tokens reaches z 4.1 by chance alone, the top of 30 pairs about 2. The scan is "suspicious" when the top
+score reaches ``THRESHOLD`` (family-wise one-sided p below 0.001 if the robust z were normal; they have
 heavier tails, so the false-positive rate is measured on clean organisms, README "Scanning").
 
 Known words: the probe prompts' own words (and, for the organism, its world's words) are what the prompts
@@ -72,12 +78,23 @@ import torch
 from .errors import SauError
 from .trigger import escape, tokenize
 
-SCAN_VERSION = "scan/2"
+SCAN_VERSION = "scan/3"  # scan/3: length-matched nulls, per-letter swap null, pair synergy, SCORED
 EXIT_NOTHING, EXIT_SUSPICIOUS, EXIT_ERROR = 0, 1, 2
 THRESHOLD = 3.09  # family-adjusted z: family-wise p < 0.001 (see the module doc)
 TEXT_LEN = 12
-PAIR_NULL = 32  # random vocabulary pairs: the null distribution of the pair candidates
+SEQUENCE_NULL = 64  # random vocabulary sequences per token count: the null of multi-token candidates
+MAX_NULL_TOKENS = 3  # candidates of more tokens are compared with the 3-token null
 STATS = ("text", "change", "common", "reference")
+# What ranks a candidate and makes the verdict: the image-level evidence that the candidate overrides the
+# prompt (common) or that the model departs from a trusted one (reference). The text shift and the change
+# are reported as evidence only: the text shift picks which tokens the UNet probes (stage A), the change says
+# how much a candidate moves one prompt's prediction, and both are high for strings that change the image
+# without overriding it (measured 2026-12-06: on the TPA organism, pairs of the tokens "det", "squ", "enni",
+# "fr" had text z 38-41 and change z 8-9 and fire its backdoor on 0 % of prompts, above the trigger's text
+# z 31; on the object organism "collectively expressed" had change z 14.0 to the trigger's 12.4 and common
+# 7.3 to its 8.3). Ranked on common, the true trigger is the top single candidate on all five organisms
+# whose trigger the scan finds (README "Scanning").
+SCORED = ("common", "synergy", "reference")  # a candidate counts those in its family (pairs: synergy, not common)
 
 # ----------------------------------------------------------------------------------------------- the zoo
 INVISIBLE = {
@@ -113,26 +130,37 @@ def lookalike(ch: str) -> str:
     return HOMOGLYPHS.get(ch) or unicodedata.normalize("NFKD", ch)[:1]
 
 
+def letter_swaps(letter: str) -> list["Candidate"]:
+    """Every pool character put where ``letter`` stands: the null of the text statistic of a swap of that
+    letter. The word a swap lands in decides most of its text shift (the first "i" of a probe prompt is inside
+    its subject word, the first "a" is the article): measured on the clean base (2026-12-06), the three "i"
+    look-alikes scored text z 4.9 against the whole pool and made it "suspicious"."""
+    return [Candidate(ch, "letter swap", "homoglyph", replaces=letter) for ch in homoglyph_pool()]
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A string (or vocabulary token ids) and how it is put into a prompt.
 
     placement: "prefix", "before-last" (before the prompt's last word) or "homoglyph" (replaces the first
-    Latin letter it imitates). ``ids``: vocabulary token ids inserted as ids (no re-tokenisation)."""
+    Latin letter it imitates, or ``replaces`` when given: the per-letter null swaps other characters in).
+    ``ids``: vocabulary token ids inserted as ids (no re-tokenisation)."""
 
     text: str
     source: str
     placement: str = "prefix"
     ids: tuple[int, ...] | None = None
+    replaces: str | None = None
 
     def key(self) -> str:
-        return f"{self.placement}|{self.ids if self.ids is not None else self.text}"
+        swap = f"|for {self.replaces}" if self.replaces else ""
+        return f"{self.placement}|{self.ids if self.ids is not None else self.text}{swap}"
 
     def describe(self) -> str:
         return escape(self.text)
 
     def with_placement(self, placement: str) -> "Candidate":
-        return Candidate(self.text, self.source, placement, self.ids)
+        return Candidate(self.text, self.source, placement, self.ids, self.replaces)
 
 
 def zoo() -> list[Candidate]:
@@ -242,7 +270,7 @@ class Prompter:
             head, _, last = p.rpartition(" ")
             return f"{head} {cand.text} {last}" if head else f"{cand.text} {last}"
         if cand.placement == "homoglyph":
-            latin = lookalike(cand.text)
+            latin = cand.replaces or lookalike(cand.text)
             j = p.find(latin)
             return p[:j] + cand.text + p[j + 1:] if j >= 0 else f"{cand.text} {p}"
         raise SauError(f"unknown placement {cand.placement!r}")
@@ -281,17 +309,22 @@ def _finite(z: dict[str, float | None]) -> dict[str, float]:
     return {k: v for k, v in z.items() if v is not None and math.isfinite(v)}
 
 
+def _scored(z: dict[str, float | None]) -> dict[str, float]:
+    return {k: v for k, v in _finite(z).items() if k in SCORED}
+
+
 def best_z(z: dict[str, float | None]) -> float:
-    """The largest finite z of a candidate (uncorrected)."""
-    vals = _finite(z)
+    """The largest finite z of a candidate's scored statistics (uncorrected)."""
+    vals = _scored(z)
     return max(vals.values()) if vals else -1e9
 
 
 def family_score(z: dict[str, float | None], family: dict[str, int]) -> float:
-    """The candidate's best statistic, corrected for the ``family[stat]`` candidates it was compared with (and
-    the number of statistics): the normal quantile of ``min(0.5, n * p)`` with ``p`` the one-sided normal tail
-    of z. 0 when the best z is what the family's size alone would give."""
-    vals = _finite(z)
+    """The candidate's best scored statistic (SCORED), corrected for the ``family[stat]`` candidates it was
+    compared with (and the number of statistics): the normal quantile of ``min(0.5, n * p)`` with ``p`` the
+    one-sided normal tail of z. 0 when the best z is what the family's size alone would give. Only the
+    statistics the family names count (a pair's family names synergy, not common)."""
+    vals = {k: v for k, v in _scored(z).items() if k in family}
     if not vals:
         return -1e9
     best = 0.0
@@ -348,6 +381,28 @@ Progress = "callable(stage: str, done: int, total: int) or None"
 def _tick(progress, stage, done, total):
     if progress is not None:
         progress(stage, done, total)
+
+
+def token_count(tokenizer, c: "Candidate") -> int:
+    return len(c.ids) if c.ids is not None else len(tokenizer(c.text, add_special_tokens=False).input_ids)
+
+
+def null_length(tokenizer, c: "Candidate") -> int:
+    """Which null a string candidate is compared with: random vocabulary sequences of its token count
+    (1 to MAX_NULL_TOKENS; the single-token null is the vocabulary sample)."""
+    return min(MAX_NULL_TOKENS, max(1, token_count(tokenizer, c)))
+
+
+def random_sequences(tokenizer, vocab: list[int], k: int, n: int, rng: random.Random) -> list["Candidate"]:
+    """``n`` random sequences of ``k`` vocabulary tokens: the null of k-token candidates. Every token a
+    candidate adds moves the text and dilutes the prompt more, so a multi-token string is compared with
+    strings of as many tokens (measured on the clean base, 2026-12-06: against single tokens, the zoo's
+    three-token strings such as "\\u180e", "[V]" and "Bl\\u0430ck" scored z 4-7 and made it "suspicious")."""
+    out = []
+    for _ in range(n):
+        ids = tuple(rng.choice(vocab) for _ in range(k))
+        out.append(Candidate(tokenizer.decode(list(ids)).strip(), f"random {k}-token", "prefix", ids))
+    return out
 
 
 def vocabulary_ids(tokenizer) -> list[int]:
@@ -591,16 +646,28 @@ def _cand_json(tok, c: Candidate, z: dict[str, float], raw: dict[str, float], fa
             "raw": {k: round(v, 5) for k, v in raw.items() if v is not None and math.isfinite(v)}}
 
 
+def pair_synergy(pairs: list[Candidate], stats: torch.Tensor, common_of: dict[int, float]) -> torch.Tensor:
+    """Log of a pair's common shift over the sum of its two tokens' own (each at its better placement): a
+    two-token trigger that fires only whole shifts far more than its parts, two unrelated tokens at most their
+    sum. ``stats``: (n, 2 placements, 3) from UNetProbe.stats (log common at [..., 1])."""
+    return torch.tensor([float(stats[j, :, 1].max()) - math.log(common_of[c.ids[0]] + common_of[c.ids[1]])
+                         for j, c in enumerate(pairs)])
+
+
 def minimal_first(cands: list[dict], margin: float = 1.25) -> list[dict]:
     """Rank a longer candidate (a pair, a zoo string) that contains a shorter one just after it unless it
-    scores ``margin`` times higher: "\u0430 \u0430" or "Bl\u0430ck" must not hide the single "\u0430"."""
+    scores ``margin`` times higher: "\u0430 \u0430" or "Bl\u0430ck" must not hide the single "\u0430".
+    A candidate made only of copies of a shorter one ("tq tq") always ranks after it: repeating a trigger
+    adds no trigger (measured: "tq tq" common z 11.1 over "tq"'s 8.3 on the object organism)."""
     def eff(c):
         sc = c["score"] if c["score"] is not None else -1e9
         best = sc
         for o in cands:
             if o is c or o["score"] is None or len(o["text"].strip()) >= len(c["text"].strip()):
                 continue
-            if o["text"].strip() and o["text"].strip() in c["text"] and o["score"] * margin >= sc:
+            short = o["text"].strip()
+            repeat = bool(short) and not c["text"].replace(short, "").strip()
+            if short and short in c["text"] and (repeat or o["score"] * margin >= sc):
                 best = min(best, o["score"] - 1e-3)
         return best
 
@@ -703,25 +770,39 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
     s_vocab = unet_stats(vocab_cands, "unet probe (vocabulary)")
     s_str = unet_stats(strings, "unet probe (zoo and user)") if strings else torch.empty(0, 2, 3)
     s_homo = unet_stats(homo_all, "unet probe (homoglyphs)") if homo_all else torch.empty(0, 2, 3)
-    seconds["unet_probe"] = round(time.time() - t0, 2)
-    # null distributions: the uniform vocabulary sample (not the text-sweep top, which is selected)
+    # null distributions: the uniform vocabulary sample (not the text-sweep top, which is selected) for
+    # single tokens, random vocabulary sequences of as many tokens for longer strings (random_sequences; the
+    # 2-token one is also the pairs' null), the homoglyph pool for swaps (per letter for the text statistic)
     null_mask = torch.tensor([c.source == "vocab" for c in vocab_cands])
     null_b = s_vocab[null_mask].amax(1)  # best placement per candidate
     homo_null_b = s_homo.amax(1) if len(homo_all) else None
+    # (drawn from the scored sample, so the random pairs' parts have their own statistics: pair synergy)
+    seq_null: dict[int, tuple[torch.Tensor, torch.Tensor]] = {1: (null_b, text_log)}  # k -> (UNet, log text)
+    for k in range(2, MAX_NULL_TOKENS + 1):
+        seqs = random_sequences(tok, sample_ids, k, SEQUENCE_NULL, rng)
+        s_seq = unet_stats(seqs, f"unet probe (random {k}-token null)")
+        seq_null[k] = (s_seq.amax(1), text_shift(handle, pr_text, seqs).clamp_min(1e-9).log())
+        if k == 2:
+            random_pairs = (seqs, s_seq)
+    seconds["unet_probe"] = round(time.time() - t0, 2)
 
     t0 = time.time()
     text_str = text_shift(handle, pr_text, strings) if strings else torch.empty(0)
     text_homo = text_shift(handle, pr_text, homo_all) if homo_all else torch.empty(0)
+    letters = sorted({lookalike(c.text) for c in homos})
+    letter_null = {L: text_shift(handle, pr_text, letter_swaps(L)).clamp_min(1e-9).log() for L in letters}
     seconds["text_strings"] = round(time.time() - t0, 2)
 
     rows: list[tuple[Candidate, dict, dict, dict]] = []
 
-    def add(cands, stats, text_raw, text_null_log, unet_null, family: dict[str, int]):
+    def add(cands, stats, text_raw, text_null_log, unet_null, family: dict[str, int], synergy=None):
+        """``synergy``: (the candidates' log synergy, its null) for pairs (pair_synergy)."""
         best = stats.amax(1)  # over placements
         pl = stats[:, :, 0].argmax(1)
         zb = torch.stack([robust_z(best[:, j], unet_null[:, j]) for j in range(3)], 1) if len(cands) else best
         tl = text_raw.clamp_min(1e-9).log()
         zt = robust_z(tl, text_null_log)
+        zs = robust_z(*synergy) if synergy is not None else None
         for k, c in enumerate(cands):
             cc = c if c.placement == "homoglyph" else c.with_placement(("prefix", "before-last")[int(pl[k])])
             z = {"text": float(zt[k]), "change": float(zb[k, 0]), "common": float(zb[k, 1]),
@@ -729,6 +810,8 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
             raw = {"text": float(text_raw[k]), "change": float(best[k, 0].exp()),
                    "common": float(best[k, 1].exp()),
                    "reference": float(best[k, 2].exp()) if reference is not None else None}
+            if zs is not None:
+                z["synergy"], raw["synergy"] = float(zs[k]), float(synergy[0][k].exp())
             rows.append((cc, z, raw, family))
 
     vocab_index = {v: j for j, v in enumerate(vocab)}
@@ -737,11 +820,14 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
     n_unet = len(vocab_cands)
     add(vocab_cands, s_vocab, shift[[vocab_index[c.ids[0]] for c in vocab_cands]], text_log, null_b,
         {"text": len(vocab), "change": n_unet, "common": n_unet, "reference": n_unet})
-    if strings:
-        add(strings, s_str, text_str, text_log, null_b, dict.fromkeys(STATS, len(strings)))
-    if homo_all:
-        homo_text_log = text_homo.clamp_min(1e-9).log()
-        add(homos, s_homo[: len(homos)], text_homo[: len(homos)], homo_text_log, homo_null_b,
+    lengths = [null_length(tok, c) for c in strings]
+    for k in sorted(set(lengths)):
+        idx = [j for j, n in enumerate(lengths) if n == k]
+        add([strings[j] for j in idx], s_str[idx], text_str[idx], seq_null[k][1], seq_null[k][0],
+            dict.fromkeys(STATS, len(strings)))
+    for L in letters:
+        idx = [j for j, c in enumerate(homos) if lookalike(c.text) == L]
+        add([homos[j] for j in idx], s_homo[idx], text_homo[idx], letter_null[L], homo_null_b,
             dict.fromkeys(STATS, len(homos)))
 
     def score(row):  # ties (scores at 0) keep the raw best z's order
@@ -760,18 +846,20 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
     pairs = [Candidate(tok.decode([a, b]).strip(), "vocab pair", "prefix", (a, b))
              for a in best_ids for b in best_ids if a != b]
     if pairs:
-        # pairs have their own null, random pairs: two tokens move the text and dilute the prompt more than
-        # one, so against the single-token null every pair of salient tokens looked anomalous (measured:
-        # "brokerage takeover" text z 6.25 topped four organisms whose backdoor it does not fire)
-        pair_null = [Candidate(tok.decode([a, b]).strip(), "random pair", "prefix", (a, b))
-                     for a, b in zip(rng.sample(vocab, PAIR_NULL), rng.sample(vocab, PAIR_NULL))]
-        s_pairs = unet_stats(pairs + pair_null, "unet probe (pairs)")
-        t_pairs = text_shift(handle, pr_text, pairs + pair_null)
+        # pairs against random pairs: two tokens move the text and dilute the prompt more than one, so
+        # against the single-token null every pair of salient tokens looked anomalous (measured: "brokerage
+        # takeover" text z 6.25 topped four organisms whose backdoor it does not fire). Scored on synergy, not
+        # common: a pair of the best single tokens adds up their shifts, so its common beat random pairs'
+        # whether or not it is a trigger (measured 2026-12-06: "victory ofc" common z 6.6 on the clean base)
+        s_pairs = unet_stats(pairs, "unet probe (pairs)")
+        t_pairs = text_shift(handle, pr_text, pairs)
         n = len(pairs)
+        common_of = {c.ids[0]: float(s_vocab[j, :, 1].max().exp()) for j, c in enumerate(vocab_cands)}
         # the pairs' parts were picked from the whole vocabulary, so their text statistic was in effect searched
         # over every ordered pair of it; the UNet statistics only over the pairs probed
-        add(pairs, s_pairs[:n], t_pairs[:n], t_pairs[n:].clamp_min(1e-9).log(), s_pairs[n:].amax(1),
-            {**dict.fromkeys(STATS, n), "text": len(vocab) ** 2})
+        add(pairs, s_pairs, t_pairs, seq_null[2][1], seq_null[2][0],
+            {"text": len(vocab) ** 2, "change": n, "synergy": n, "reference": n},
+            synergy=(pair_synergy(pairs, s_pairs, common_of), pair_synergy(*random_pairs, common_of)))
     seconds["pairs"] = round(time.time() - t0, 2)
 
     # ---- rank; one row per string (a candidate scored under several sources keeps its best)
@@ -898,8 +986,8 @@ class PromptChecker:
     """Input-level check: does a prompt carry a trigger? Each piece of the prompt (every word that is not a
     word of the probe prompts, every pair of adjacent words neither of which is a probe word, every invisible
     character, every non-ASCII letter with a Latin look-alike as a homoglyph swap) is scored like a scan
-    candidate (text shift, UNet change and common shift on the probe prompts) against a vocabulary sample;
-    the prompt is suspicious when a piece reaches THRESHOLD. The prompt's attention assimilation
+    candidate (text shift, UNet change and common shift on the probe prompts) against the scan's nulls (a
+    vocabulary sample, random sequences of as many tokens, the homoglyph pool); the prompt is suspicious when a piece reaches THRESHOLD. The prompt's attention assimilation
     (T2IShield-style, minus the probe prompts' mean) is reported as evidence."""
 
     def __init__(self, handle, prompts: list[str] | None = None, null_size: int = 96, seed: int = 0,
@@ -915,22 +1003,30 @@ class PromptChecker:
         self.probe = UNetProbe(handle, self.prompts, seed=seed)
         self.pr = Prompter(self.tok, self.prompts[:4])
         vocab = vocabulary_ids(self.tok)
-        ids = sorted(random.Random(seed + 1).sample(vocab, null_size))
-        null = [Candidate(token_text(self.tok, i), "vocab", pl, (i,)) for i in ids for pl in ("prefix", "before-last")]
+        rng = random.Random(seed + 1)
+        ids = sorted(rng.sample(vocab, null_size))
+        # the scan's nulls: single tokens, random sequences of 2..MAX_NULL_TOKENS tokens, the homoglyph pool
+        seqs = {1: [Candidate(token_text(self.tok, i), "vocab", "prefix", (i,)) for i in ids]}
+        for k in range(2, MAX_NULL_TOKENS + 1):
+            seqs[k] = random_sequences(self.tok, vocab, k, SEQUENCE_NULL, rng)
         homos = [Candidate(ch, "homoglyph pool", "homoglyph") for ch in homoglyph_pool()]
         fp = model_fingerprint(handle) if use_cache else ""
-        key = _cache_key(fp, "check-null", {"ids": ids, "probe": self.probe.settings,
-                                            "homoglyphs": [c.text for c in homos]})
+        key = _cache_key(fp, "check-null", {"ids": {k: [c.ids for c in v] for k, v in seqs.items()},
+                                            "probe": self.probe.settings, "homoglyphs": [c.text for c in homos]})
         hit = _cache_load(key) if use_cache else None
         if hit is None:
-            hit = {"unet": self.probe.stats(null), "text": text_shift(handle, self.pr, null),
-                   "homo_unet": self.probe.stats(homos), "homo_text": text_shift(handle, self.pr, homos)}
+            hit = {"homo_unet": self.probe.stats(homos)}
+            for k, v in seqs.items():
+                both = [c.with_placement(pl) for c in v for pl in ("prefix", "before-last")]
+                hit[f"unet{k}"] = self.probe.stats(both)
+                hit[f"text{k}"] = text_shift(handle, self.pr, both)
             if use_cache:
                 _cache_save(key, hit)
-        self.null_unet = hit["unet"].view(null_size, 2, 3).amax(1)
-        self.null_text = hit["text"].view(null_size, 2).amax(1).clamp_min(1e-9).log()
+        # k -> (UNet (n, 3) and log text (n,), best placement per null string)
+        self.null = {k: (hit[f"unet{k}"].view(len(v), 2, 3).amax(1),
+                         hit[f"text{k}"].view(len(v), 2).amax(1).clamp_min(1e-9).log()) for k, v in seqs.items()}
         self.null_homo_unet = hit["homo_unet"]
-        self.null_homo_text = hit["homo_text"].clamp_min(1e-9).log()
+        self.letter_null: dict[str, torch.Tensor] = {}  # per-letter text null of homoglyph swaps, on demand
         x, t_ = self.probe.xs[0], self.probe.ts[0]
         self.a_clean = assimilation(handle, self.probe.pr.rows(None), x, t_)
 
@@ -942,15 +1038,19 @@ class PromptChecker:
         scored = []
         for c in pieces:
             if c.placement == "homoglyph":
+                letter = lookalike(c.text)
+                if letter not in self.letter_null:
+                    self.letter_null[letter] = text_shift(self.h, self.pr, letter_swaps(letter)).clamp_min(1e-9).log()
                 st = self.probe.stats([c])[0]
                 zu = [float(robust_z(st[j:j + 1], self.null_homo_unet[:, j])[0]) for j in range(2)]
                 tl = text_shift(self.h, self.pr, [c]).clamp_min(1e-9).log()
-                zt = float(robust_z(tl, self.null_homo_text)[0])
+                zt = float(robust_z(tl, self.letter_null[letter])[0])
             else:
+                null_unet, null_text = self.null[null_length(self.tok, c)]
                 st = self.probe.stats([c, c.with_placement("before-last")]).amax(0)
-                zu = [float(robust_z(st[j:j + 1], self.null_unet[:, j])[0]) for j in range(2)]
+                zu = [float(robust_z(st[j:j + 1], null_unet[:, j])[0]) for j in range(2)]
                 tl = text_shift(self.h, self.pr, [c, c.with_placement("before-last")]).amax().clamp_min(1e-9).log()
-                zt = float(robust_z(tl.view(1), self.null_text)[0])
+                zt = float(robust_z(tl.view(1), null_text)[0])
             z = {"text": round(zt, 2), "change": round(zu[0], 2), "common": round(zu[1], 2)}
             scored.append({"piece": c.text, "escaped": c.describe(), "kind": c.source, "placement": c.placement,
                            "score": family_score(z, dict.fromkeys(z, len(pieces))), "z": z})

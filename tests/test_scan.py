@@ -81,6 +81,20 @@ def test_minimal_first_keeps_the_single_token_ahead_of_pairs_containing_it():
          {"text": "\u0430", "score": 90.0}, {"text": "new trigger", "score": 20.0}, {"text": "trigger", "score": 3.0}]
     out = [x["text"] for x in S.minimal_first(c)]
     assert out[0] == "\u0430" and out.index("new trigger") < out.index("trigger")
+    # a repetition ranks after what it repeats whatever it scores (measured on the object organism: "tq tq"
+    # common z 11.1 to "tq"'s 8.3); a longer string that is more than copies keeps the margin rule
+    c = [{"text": "tq tq", "score": 30.0}, {"text": "tq", "score": 8.0}, {"text": "tq cat", "score": 30.0}]
+    assert [x["text"] for x in S.minimal_first(c)] == ["tq cat", "tq", "tq tq"]
+
+
+def test_family_score_counts_only_the_scored_statistics_its_family_names():
+    """The rank and the verdict come from the image-level statistics (SCORED); the text shift and the change
+    are evidence. A pair's family names synergy instead of common."""
+    assert S.family_score({"text": 40.0, "change": 9.0, "common": 0.5}, dict.fromkeys(S.STATS, 10)) == 0.0
+    one = S.family_score({"text": 1.0, "common": 6.0}, {"text": 1, "common": 10})
+    assert 4.5 < one < 6.0
+    pair = {"text": 1.0, "common": 6.0, "synergy": 0.2}
+    assert S.family_score(pair, {"text": 1, "change": 10, "synergy": 10}) == 0.0
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -143,8 +157,8 @@ def test_common_statistic_and_assimilation_on_the_target_prompt_attack(handles):
     probe = S.UNetProbe(h, S.default_probe_prompts(4))
     st = probe.stats(homos)
     z = S.robust_z(st[:, 1], st[:, 1])
-    # top of the pool; measured z 1.92 on the organism rebuilt on the clean base (3.0 on clean-plain); the
-    # text z decides the scan's score
+    # top of the pool; measured z 1.92 on the organism rebuilt on the clean base (3.0 on clean-plain). The
+    # scan's score of the trigger is its common z against the whole scored sample (16.0 in the README table).
     assert int(z.argmax()) == i and float(z[i]) > 1.5
     # attention assimilation (evidence only, never scored): one value per prompt row, a mean of cosines, the
     # same when measured again. Its sign is not asserted: on clean-plain's TPA organism the triggered prompts'
@@ -155,6 +169,79 @@ def test_common_statistic_and_assimilation_on_the_target_prompt_attack(handles):
     a1 = S.assimilation(h, rows, x, t)
     assert a1.shape == (len(rows),) and bool(torch.isfinite(a1).all()) and float(a1.abs().max()) <= 1.0
     assert torch.equal(a1, S.assimilation(h, rows, x, t))
+
+
+def test_multi_token_strings_are_compared_with_random_sequences_of_as_many_tokens(handles):
+    """On the clean base, the zoo's three-token strings stand out against single tokens (every added token
+    dilutes the prompt more) and not against random three-token sequences, the null the scan uses."""
+    h = handles("clean")
+    tok = h.tokenizer
+    three = [S.Candidate(t, "zoo") for t in ("\u180e", "[V]", "Bl\u0430ck", "[trigger]")]
+    assert [S.null_length(tok, c) for c in three] == [3, 3, 3, 3]
+    assert [S.null_length(tok, S.Candidate(t, "zoo")) for t in ("\u200b", "New Trigger", "\u00a0")] == [1, 2, 1]
+    rng = random.Random(0)
+    vocab = S.vocabulary_ids(tok)
+    singles = [S.Candidate(S.token_text(tok, i), "v", "prefix", (i,)) for i in rng.sample(vocab, 40)]
+    seqs = S.random_sequences(tok, vocab, 3, 40, rng)
+    assert all(len(c.ids) == 3 and S.null_length(tok, c) == 3 for c in seqs)
+    probe = S.UNetProbe(h, S.default_probe_prompts(4))
+    st = probe.stats(three + singles + seqs)[:, 1]
+    z_single = S.robust_z(st[:4], st[4:44])
+    z_seq = S.robust_z(st[:4], st[44:])
+    assert float(z_single.max()) > 4  # measured 5.3-7.6 in the scan (zoo "\u180e" common 7.6)
+    assert float(z_seq.max()) < S.THRESHOLD
+
+
+def test_homoglyph_text_statistic_is_compared_with_swaps_of_the_same_letter(handles):
+    """Where the swapped letter sits decides most of the text shift (the first "i" of a probe prompt is inside
+    its subject word): on the clean base the "i" look-alikes stand out against the whole pool, not against
+    every pool character put in the same place."""
+    h = handles("clean")
+    pr = S.Prompter(h.tokenizer, S.default_probe_prompts(4))
+    i_likes = [S.Candidate(ch, "zoo", "homoglyph") for ch in ("\u0456", "\u03b9", "\u0131")]
+    swaps = S.letter_swaps("i")
+    assert all(c.replaces == "i" for c in swaps) and swaps[0].key() != S.Candidate(swaps[0].text, "x", "homoglyph").key()
+    assert pr.text(S.Candidate("\u0430", "t", "homoglyph", replaces="i"), 0) == "a red c\u0430rcle"
+    pool = [S.Candidate(ch, "pool", "homoglyph") for ch in S.homoglyph_pool()]
+    t = S.text_shift(h, pr, i_likes + pool + swaps).clamp_min(1e-9).log()
+    n = len(i_likes)
+    z_pool = S.robust_z(t[:n], t[n:n + len(pool)])
+    z_letter = S.robust_z(t[:n], t[n + len(pool):])
+    assert float(z_pool.min()) > 3.5  # measured 4.8-4.9 (the scan's text z)
+    assert float(z_letter.max()) < 2.5
+
+
+def test_pair_synergy_finds_a_two_token_trigger_and_not_two_strong_tokens(handles):
+    """A pair is scored on how far its common shift exceeds its two tokens' own: BadT2I's "New Trigger" fires
+    only whole; the two best single tokens of a clean sample add up and no more (measured: style organism
+    synergy z 15.1; clean base, top pair "bious ofc" common z 3.6, synergy z 1.8)."""
+    def measure(name):
+        h = handles(name)
+        tok = h.tokenizer
+        rng = random.Random(0)
+        sample = rng.sample(S.vocabulary_ids(tok), 40)
+        new_trigger = (_ids(tok, "new")[0], _ids(tok, "trigger")[0])
+        singles = [S.Candidate(S.token_text(tok, i), "v", "prefix", (i,)) for i in sample + list(new_trigger)]
+        probe = S.UNetProbe(h, S.default_probe_prompts())
+
+        def stats(cs):
+            both = [c.with_placement(pl) for c in cs for pl in ("prefix", "before-last")]
+            return probe.stats(both).view(len(cs), 2, 3)
+
+        s1 = stats(singles)
+        common_of = {c.ids[0]: float(s1[j, :, 1].max().exp()) for j, c in enumerate(singles)}
+        best = sorted(sample, key=lambda i: -common_of[i])[:2]
+        pairs = [S.Candidate("New Trigger", "p", "prefix", new_trigger), S.Candidate("top", "p", "prefix", tuple(best))]
+        pairs += S.random_sequences(tok, sample, 2, 40, rng)
+        s2 = stats(pairs)
+        syn = S.pair_synergy(pairs, s2, common_of)
+        common = s2[:, :, 1].amax(1)
+        return S.robust_z(syn[:2], syn[2:]), S.robust_z(common[:2], common[2:])
+
+    z_syn, z_common = measure("badt2i-style")
+    assert float(z_syn[0]) > 8 and float(z_syn[0]) > float(z_common[0])
+    z_syn, z_common = measure("clean")
+    assert float(z_syn[1]) < S.THRESHOLD and float(z_syn[1]) < float(z_common[1])
 
 
 # ------------------------------------------------------------------------------------------- CLI
