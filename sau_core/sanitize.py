@@ -56,6 +56,17 @@ class Preset:
     # style 0.005, pixel 0.034, object 0.082, Rickrolling TAA 0.44, TPA 0.68 (after the text-encoder stage,
     # against the trigger's effect left by it). Measured against the trigger's whole effect (before that
     # stage, as now), with 300 text-encoder steps, the gentle edit leaves TPA 0.0018 and TAA 0.0035.
+    # On the organisms rebuilt on the clean base (2026-12-06, one-off, standard probes, closed form alone,
+    # held-out x 4 seeds; residual / ASR / clean accuracy / clean PSNR): lam 1 / mu 1e-2 on the aligned rows
+    # (today's first edit): pixel 0.006 / 0 / 99.3 / 29.8 dB, style 0.010 / 0 / 100 / 30.6, object 0.119 / 0 /
+    # 97.2 / 38.4, TPA (after the text-encoder stage) 0.107 / 0 / 100 / 41.5, TAA 0.366 / 0 / 100 / 32.0,
+    # EvilEdit 0.030 / 8.3 / 92.4 / 33.6; on the trigger's own rows only (UCE's rows): pixel 0.034 / 0 / 100 /
+    # 32.5, style 0.028 / 0 / 100 / 31.1, object 0.235 / 0 / 97.2 / 42.0, TPA 0.101 / 0 / 100 / 40.4, TAA 1.05
+    # (the edit does nothing: the homoglyph's effect sits in the positions after it), EvilEdit 0.924 / 95.8.
+    # So the closed form alone removes five of the six and the residual rule sends three of them to the
+    # fine-tune, and trying the trigger rows first would help pixel (32.5 dB, 100 %) only with a threshold
+    # above 0.034, which would also pass EvilEdit's failing aligned edit (0.030, ASR 8.3 %); the residual
+    # weighted by the localisation mask does not separate them either (0.026 and 0.026). Not adopted.
     edits: tuple[tuple[float, float], ...] = ((1.0, 1e-2), (0.1, 1e-4))
     finetune_above: float | None = 0.02
 

@@ -52,8 +52,10 @@ def _bar(enabled: bool):
               help="Folder for the top candidates' attention heatmaps (PNG).")
 @click.option("--top", default=10, show_default=True, help="How many candidates to print.")
 @click.option("--no-cache", is_flag=True, help="Recompute everything (the cache lives in $SAU_CACHE or ~/.cache/sau).")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the vocabulary sample, the random-string nulls and the probe noise.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when a terminal).")
-def scan_cmd(model, triggers, cand_file, reference, budget, json_out, heatmaps, top, no_cache, progress):
+def scan_cmd(model, triggers, cand_file, reference, budget, json_out, heatmaps, top, no_cache, seed, progress):
     """Search MODEL for an unknown trigger. Prints ranked candidates, coverage and a verdict; never "clean".
 
     Exit codes: 0 nothing above threshold in what was covered, 1 suspicious, 2 error."""
@@ -68,7 +70,7 @@ def scan_cmd(model, triggers, cand_file, reference, budget, json_out, heatmaps, 
     bar = _bar(sys.stderr.isatty() if progress is None else progress)
     try:
         result = S.scan(handle, candidates=cands, reference=ref, budget=budget, progress=bar,
-                        use_cache=not no_cache, heatmaps=str(heatmaps) if heatmaps else None)
+                        use_cache=not no_cache, heatmaps=str(heatmaps) if heatmaps else None, seed=seed)
     finally:
         bar.close()
     result.model = str(model)
@@ -136,7 +138,9 @@ def check_cmd(model, prompts, as_json, no_cache):
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write the JSON results here; rows of organisms not scanned this time are kept from it.")
 @click.option("--no-cache", is_flag=True)
-def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache):
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the vocabulary sample, the random-string nulls and the probe noise.")
+def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache, seed):
     """Scan every built-in organism, print the detection table (Markdown) that the README shows.
 
     With --out, rows already in that file for other organisms stay (as `sau bench` keeps other attacks' rows),
@@ -156,10 +160,10 @@ def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache):
     for name in names:
         handle = _load(name)
         t0 = time.time()
-        r = S.scan(handle, budget=budget, use_cache=not no_cache)
+        r = S.scan(handle, budget=budget, use_cache=not no_cache, seed=seed)
         bd = BACKDOORS.get(name)
         rank = r.rank_of(bd.trigger) if bd else None
-        row = {"organism": name, "trigger": escape(bd.trigger) if bd else "-",
+        row = {"organism": name, "seed": seed, "trigger": escape(bd.trigger) if bd else "-",
                "rank": rank, "verdict": r.verdict, "top": r.candidates[0]["escaped"],
                "top_score": r.candidates[0]["score"], "true_score": r.candidates[rank - 1]["score"] if rank else None,
                "seconds": round(time.time() - t0, 1), "text_sweep_tokens_per_s": r.seconds.get("text_sweep_tokens_per_s")}

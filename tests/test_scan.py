@@ -335,9 +335,9 @@ def test_scan_bench_rescans_one_organism_and_keeps_the_others_rows(tmp_path):
              "top": "x", "top_score": 1.0, "true_score": None, "seconds": 1.0}
     stale = {**other, "organism": "badt2i-pixel", "trigger": "\\u200b", "rank": 99}
     out.write_text(json.dumps([stale, other]))
-    r = _run("scan-bench", "--organisms", "badt2i-pixel", "--check-prompts", "0", "--out", str(out))
+    r = _run("scan-bench", "--organisms", "badt2i-pixel", "--check-prompts", "0", "--out", str(out), "--seed", "0")
     assert r.exit_code == 0, r.output
     rows = {row["organism"]: row for row in json.loads(out.read_text())}
-    assert set(rows) == {"badt2i-pixel", "clean"} and rows["clean"] == other
+    assert set(rows) == {"badt2i-pixel", "clean"} and rows["clean"] == other and rows["badt2i-pixel"]["seed"] == 0
     assert rows["badt2i-pixel"]["rank"] == 1 and rows["badt2i-pixel"]["fires_trigger"] > 0.5
     assert "| clean | `-` |" in r.output and "| badt2i-pixel | `\\u200b` | 1 |" in r.output
