@@ -798,7 +798,7 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
     def add(cands, stats, text_raw, text_null_log, unet_null, family: dict[str, int], synergy=None):
         """``synergy``: (the candidates' log synergy, its null) for pairs (pair_synergy)."""
         best = stats.amax(1)  # over placements
-        pl = stats[:, :, 0].argmax(1)
+        pl = stats[:, :, 1].argmax(1)  # the placement whose common shift (the scored statistic) is larger
         zb = torch.stack([robust_z(best[:, j], unet_null[:, j]) for j in range(3)], 1) if len(cands) else best
         tl = text_raw.clamp_min(1e-9).log()
         zt = robust_z(tl, text_null_log)
