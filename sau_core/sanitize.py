@@ -66,7 +66,9 @@ class Preset:
     # So the closed form alone removes five of the six and the residual rule sends three of them to the
     # fine-tune, and trying the trigger rows first would help pixel (32.5 dB, 100 %) only with a threshold
     # above 0.034, which would also pass EvilEdit's failing aligned edit (0.030, ASR 8.3 %); the residual
-    # weighted by the localisation mask does not separate them either (0.026 and 0.026). Not adopted.
+    # weighted by the localisation mask does not separate them either (0.026 and 0.026), nor does an image-level
+    # residual (final latents of the standard probes, edited-triggered vs clean over triggered vs clean): EvilEdit's
+    # failing edit 0.012, its working 0.1 / 1e-4 edit 0.022, TAA's working aligned edit 0.515. Not adopted.
     edits: tuple[tuple[float, float], ...] = ((1.0, 1e-2), (0.1, 1e-4))
     finetune_above: float | None = 0.02
 
