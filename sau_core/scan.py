@@ -788,7 +788,8 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
 
     t0 = time.time()
     text_str = text_shift(handle, pr_text, strings) if strings else torch.empty(0)
-    text_homo = text_shift(handle, pr_text, homo_all) if homo_all else torch.empty(0)
+    # the swaps' text null is per letter (letter_swaps), so only the candidates themselves need their own shift
+    text_homo = text_shift(handle, pr_text, homos) if homos else torch.empty(0)
     letters = sorted({lookalike(c.text) for c in homos})
     letter_null = {L: text_shift(handle, pr_text, letter_swaps(L)).clamp_min(1e-9).log() for L in letters}
     seconds["text_strings"] = round(time.time() - t0, 2)
