@@ -41,35 +41,35 @@ class Preset:
     lr: float = 6e-3
     w_distill: float = 100.0
     w_attention: float = 1.0
-    w_preserve: float = 100.0
+    # Preservation weight of the fine-tune. Measured 2026-12-06 (one-off, standard preset, held-out x 4 seeds;
+    # ASR / clean accuracy / clean PSNR): 100 left object 0 / 97.9 / 39.7 dB, TAA 0 / 100 / 31.5 and TPA (then
+    # initialised from lam 1) 0 / 99.3 / 29.1; 1000 left 0 / 97.9 / 40.6, 0 / 100 / 32.9, 0 / 100 / 37.1; 3000
+    # cost object a clean image (96.5 %) for TPA's 39.9 dB.
+    w_preserve: float = 1000.0
     te_w_preserve: float = 10.0
     # Closed-form edits, gentlest first: (weight of the preservation rows lam, ridge mu), see unlearn.uce_edit.
     # Each is measured with unlearn.trigger_residual; the first that leaves at most ``finetune_above`` of the
     # trigger's effect on the noise prediction is the whole UNet stage, otherwise the first initialises the
-    # fine-tune (unlearn.train_sau). The keep rows (every clean prompt's 77 states, padding included)
-    # outnumber the triggered rows about 4:1. Measured one-off (held-out prompts x 4 seeds), one closed form
-    # alone with the fast preset's probes, ASR on EvilEdit / BadT2I object: lam 1 / mu 1e-2 8.3 / 6.2 %;
-    # 1 / 1e-4 6.2 / 2.1 %; 0.1 / 1e-3 2.1 % on EvilEdit; 0.1 / 1e-4 0 / 2.1 %; 0.01 / 1e-4 0 / 43.8 %. With
-    # the standard probes, 0.1 / 1e-4 alone: EvilEdit 0 % (residual 0.007). Fine-tuning after 0.1 / 1e-4
-    # brought it back to 4.2 %; as the fine-tune's init, 0.1 / 1e-4 cost BadT2I pixel 3.5 points of ASR and Rickrolling TAA 3.4 points of clean accuracy,
-    # so the fine-tune keeps starting from 1 / 1e-2. Residuals of 0.1 / 1e-4 on the other organisms: BadT2I
-    # style 0.005, pixel 0.034, object 0.082, Rickrolling TAA 0.44, TPA 0.68 (after the text-encoder stage,
-    # against the trigger's effect left by it). Measured against the trigger's whole effect (before that
-    # stage, as now), with 300 text-encoder steps, the gentle edit leaves TPA 0.0018 and TAA 0.0035.
-    # On the organisms rebuilt on the clean base (2026-12-06, one-off, standard probes, closed form alone,
-    # held-out x 4 seeds; residual / ASR / clean accuracy / clean PSNR): lam 1 / mu 1e-2 on the aligned rows
-    # (today's first edit): pixel 0.006 / 0 / 99.3 / 29.8 dB, style 0.010 / 0 / 100 / 30.6, object 0.119 / 0 /
-    # 97.2 / 38.4, TPA (after the text-encoder stage) 0.107 / 0 / 100 / 41.5, TAA 0.366 / 0 / 100 / 32.0,
-    # EvilEdit 0.030 / 8.3 / 92.4 / 33.6; on the trigger's own rows only (UCE's rows): pixel 0.034 / 0 / 100 /
-    # 32.5, style 0.028 / 0 / 100 / 31.1, object 0.235 / 0 / 97.2 / 42.0, TPA 0.101 / 0 / 100 / 40.4, TAA 1.05
-    # (the edit does nothing: the homoglyph's effect sits in the positions after it), EvilEdit 0.924 / 95.8.
-    # So the closed form alone removes five of the six and the residual rule sends three of them to the
-    # fine-tune, and trying the trigger rows first would help pixel (32.5 dB, 100 %) only with a threshold
-    # above 0.034, which would also pass EvilEdit's failing aligned edit (0.030, ASR 8.3 %); the residual
-    # weighted by the localisation mask does not separate them either (0.026 and 0.026), nor does an image-level
-    # residual (final latents of the standard probes, edited-triggered vs clean over triggered vs clean): EvilEdit's
-    # failing edit 0.012, its working 0.1 / 1e-4 edit 0.022, TAA's working aligned edit 0.515. Not adopted.
-    edits: tuple[tuple[float, float], ...] = ((1.0, 1e-2), (0.1, 1e-4))
+    # fine-tune (unlearn.train_sau; without a fine-tune, the fast preset, the one that left the least is kept).
+    # The keep rows (every clean prompt's 77 states, padding included) outnumber the triggered rows about 4:1.
+    # Measured on the organisms (2026-12-06, one-off, standard probes, closed form alone, held-out x 4 seeds;
+    # residual / ASR % / clean accuracy % / clean PSNR):
+    #   lam 10 / mu 1e-2: pixel 0.0125 / 0 / 100 / 34.8 dB, style 0.018 / 0 / 100 / 34.0, object 0.141 / 0 /
+    #     97.2 / 43.1, TPA (after the text-encoder stage) 0.106 / 0 / 100 / 45.3, TAA 0.326 / 0 / 100 / 36.1,
+    #     EvilEdit 0.384 / 52.1 / 92.4 / 41.1;
+    #   lam 3 / mu 1e-2: pixel 0.010 / 0 / 100 / 31.7, style 0.0125 / 0 / 100 / 31.2, EvilEdit 0.110 / 14.6;
+    #   lam 1 / mu 1e-2: pixel 0.006 / 0 / 99.3 / 29.8, style 0.010 / 0 / 100 / 30.6, object 0.119 / 0 / 97.2 /
+    #     38.4, TPA 0.107 / 0 / 100 / 41.5, TAA 0.366 / 0 / 100 / 32.0, EvilEdit 0.030 / 8.3 / 92.4 / 33.6;
+    #   lam 0.1 / mu 1e-4: EvilEdit 0.007 / 0 (earlier organism, standard probes; fine-tuning after it brought
+    #     ASR back to 4.2 %, so a closed form that passes is the whole stage).
+    # So pixel and style pass at lam 10 (one clean image and 3-5 dB better than lam 1), EvilEdit only at
+    # 0.1 / 1e-4, and object, TPA, TAA pass none though every edit removes them: the residual rule sends them to
+    # the fine-tune as a safety net (EvilEdit's lam 1 edit leaves less, 0.030, and still fires 8.3 %). No
+    # threshold on this residual, the mask-weighted one, or an image-level one separates pixel's trigger-rows
+    # edit (0.034, ASR 0) from EvilEdit's lam 1 edit (0.030, ASR 8.3 %), measured, so the rule stays. The
+    # fine-tune starting from lam 10 instead of lam 1 (w_preserve 100): object 97.9 % / 39.7 dB against
+    # 98.6 / 35.8, TAA 100 / 31.5 against 100 / 30.3, both ASR 0.
+    edits: tuple[tuple[float, float], ...] = ((10.0, 1e-2), (1.0, 1e-2), (0.1, 1e-4))
     finetune_above: float | None = 0.02
 
 

@@ -398,7 +398,8 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     ``trigger_residual`` (on the training latents): the first that leaves at most ``finetune_above`` of the
     trigger's effect on the noise prediction is the whole UNet stage (no fine-tune: measured on the EvilEdit
     organism, a K/V edit that a closed form undoes, fine-tuning after it raised the held-out ASR from 0 % to
-    4.2 %). If none does, the first edit initialises the fine-tune of ``steps`` steps. ``enc_trig_before``:
+    4.2 %). If none does, the first edit initialises the fine-tune of ``steps`` steps; with ``steps`` 0 (no
+    fine-tune to follow) the edit that left the least is kept. ``enc_trig_before``:
     the training pairs' triggered encodings before the text-encoder stage (see ``trigger_residual``)."""
     if loc.clean_latents is None or not loc.prompts:
         raise SauError("the localisation has no clean generations to train on")
@@ -417,7 +418,7 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     residual_forward = 0
     if uce_init:  # the closed form on every attn2 layer, carried by the adapter (the base stays the teacher)
         rows = edit_rows(handle, trigger, uce_prompts or loc.prompts, uce_preserve)
-        first = chosen = None
+        first = chosen = least = None
         checks = []
         for keep, ridge in uce_edits:
             d = solve_edit(handle, rows, lam=keep, mu=ridge, apply=False)
@@ -428,9 +429,14 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
                                      enc_trig_before=enc_trig_before)
             residual_forward += 3 * z0.shape[0] * len(RESIDUAL_TIMESTEPS)
             checks.append({"keep": keep, "ridge": ridge, "residual": round(ratio, 4)})
+            if least is None or ratio < least[0]:
+                least = (ratio, (keep, ridge, d))
             if ratio <= finetune_above:
                 chosen = (keep, ridge, d)
                 break
+        if chosen is None and steps == 0 and least is not None:
+            # no fine-tune follows (the fast preset): keep the edit that leaves the least of the trigger
+            chosen = least[1]
         if chosen is not None:  # the closed form alone removes the trigger's effect: no fine-tune
             steps, layers = 0, []
         keep, ridge, deltas = chosen or first

@@ -235,6 +235,21 @@ def test_fine_tune_runs_only_when_the_closed_form_leaves_a_residual(above, runs)
     assert bool(res.settings["layers"]) == runs  # skipped: only the closed form's to_k/to_v factors exist
 
 
+def test_without_a_fine_tune_the_edit_that_leaves_least_is_kept():
+    # The fast preset (no fine-tune steps): when no closed form passes, the first (gentlest) one would be the
+    # whole UNet stage, so the engine keeps the one whose residual is smallest instead.
+    h = tiny_handle(6)
+    trig = Trigger(ZWSP)
+    loc = localise(h, trig, organism_probe_prompts(2), seeds=[0], steps=2)
+    res = train_sau(h, trig, loc, steps=0, seed=0, batch_size=2, rank=2, uce_init=True, finetune_above=0.0,
+                    uce_edits=((10.0, 1e-2), (0.1, 1e-4)))
+    checks = res.settings["edit_checks"]
+    assert len(checks) == 2 and checks[0]["residual"] != checks[1]["residual"]
+    least = min(checks, key=lambda c: c["residual"])
+    assert (res.settings["uce_keep"], res.settings["uce_ridge"]) == (least["keep"], least["ridge"])
+    assert res.settings["steps_run"] == 0 and res.unet_passes == 0
+
+
 def _batch(h, trig, prompts):
     from sau_core.localise import encode
 

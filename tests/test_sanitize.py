@@ -58,10 +58,10 @@ def test_sanitize_is_deterministic_and_records_settings(tmp_path):
     assert settings["preset"] == "standard" and settings["seed"] == 3 and settings["unet_steps"] == 2
     assert settings["unet"]["uce_init"] is True and settings["unet"]["uce_rank"] >= 1
     # the closed forms tried, what each left, and the one the fine-tune starts from are recorded
-    assert settings["edits"] == [[1.0, 1e-2], [0.1, 1e-4]]
+    assert settings["edits"] == [[10.0, 1e-2], [1.0, 1e-2], [0.1, 1e-4]]
     assert [[c["keep"], c["ridge"]] for c in settings["unet"]["edit_checks"]] == settings["edits"]
     assert all(c["residual"] > 0 for c in settings["unet"]["edit_checks"])
-    assert (settings["unet"]["uce_keep"], settings["unet"]["uce_ridge"]) == (1.0, 1e-2)
+    assert (settings["unet"]["uce_keep"], settings["unet"]["uce_ridge"]) == (10.0, 1e-2)
     assert settings["unet"]["steps_run"] == 2
     assert patch.metadata["metrics"]["note"] == "test"
     assert patch.metadata["method"] == "sau"
