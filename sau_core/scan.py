@@ -330,8 +330,11 @@ def family_score(z: dict[str, float | None], family: dict[str, int]) -> float:
     best = 0.0
     for k, v in vals.items():
         n = max(1, family.get(k, 1)) * len(vals)
-        tail = 0.5 * math.erfc(min(v, 37.0) / math.sqrt(2))  # below z 37 the tail stays a positive double
-        best = max(best, -NormalDist().inv_cdf(min(0.5, n * tail)))
+        if v < 37.0:  # below z 37 the tail stays a positive double
+            best = max(best, -NormalDist().inv_cdf(min(0.5, n * 0.5 * math.erfc(v / math.sqrt(2)))))
+        else:  # the tail's leading term exp(-z^2/2): n times it is z' with z'^2 = z^2 - 2 ln n (no cap, so a
+            # scan with --reference, whose z reach 100+, still ranks its strongest candidates apart)
+            best = max(best, math.sqrt(v * v - 2 * math.log(n)))
     return round(best, 2)
 
 

@@ -87,6 +87,14 @@ def test_minimal_first_keeps_the_single_token_ahead_of_pairs_containing_it():
     assert [x["text"] for x in S.minimal_first(c)] == ["tq cat", "tq", "tq tq"]
 
 
+def test_family_score_keeps_order_beyond_the_normal_tail():
+    # z of 100+ (a scan with --reference) must not all collapse to one capped score
+    fam = {"reference": 300}
+    at, above, far = (S.family_score({"reference": z}, fam) for z in (36.9, 40.0, 120.0))
+    assert 36.0 < at < above < far
+    assert abs(S.family_score({"reference": 37.0}, fam) - at) < 0.3  # continuous where the two forms meet
+
+
 def test_family_score_counts_only_the_scored_statistics_its_family_names():
     """The rank and the verdict come from the image-level statistics (SCORED); the text shift and the change
     are evidence. A pair's family names synergy instead of common."""
