@@ -253,24 +253,29 @@ def deltas_applied(unet, deltas: dict[str, torch.Tensor]):
 
 @torch.no_grad()
 def trigger_residual(unet, scheduler, latents: torch.Tensor, enc_trig: torch.Tensor, enc_clean: torch.Tensor,
-                     deltas: dict[str, torch.Tensor], seed: int = 0,
+                     deltas: dict[str, torch.Tensor] | None, seed: int = 0,
                      timesteps: tuple[int, ...] = RESIDUAL_TIMESTEPS,
                      enc_trig_before: torch.Tensor | None = None) -> float:
     """How much of the trigger's effect on the noise prediction an edit leaves: per timestep,
     mean |eps_edited(x_t, triggered) - eps(x_t, clean)|^2 / mean |eps(x_t, triggered) - eps(x_t, clean)|^2 on
     ``latents`` noised from one seeded draw; the largest ratio over ``timesteps`` (0: the trigger no longer
-    changes the prediction, 1: the edit did nothing). ``enc_trig_before``: the triggered prompts' encodings
-    before an earlier stage changed the text encoder; the effect is then the trigger's whole effect, so the
-    ratio says what is left after both stages."""
+    changes the prediction, 1: the edit did nothing). The edit is ``deltas`` added to the base weights, or with
+    ``deltas`` None the UNet's adapter (the base is then the UNet with adapters disabled, the teacher).
+    ``enc_trig_before``: the triggered prompts' encodings before an earlier stage changed the text encoder;
+    the effect is then the trigger's whole effect, so the ratio says what is left after both stages."""
     enc_effect = enc_trig if enc_trig_before is None else enc_trig_before.to(enc_trig)
+    as_base = adapters_disabled if deltas is None else (lambda u: contextlib.nullcontext(u))
+    edited = (lambda u: contextlib.nullcontext(u)) if deltas is None else (lambda u: deltas_applied(u, deltas))
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
     for t in timesteps:
         tt = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
         x = scheduler.add_noise(latents, torch.randn(latents.shape, generator=gen).to(latents), tt)
-        base = unet(x.repeat(2, 1, 1, 1), tt.repeat(2), encoder_hidden_states=torch.cat([enc_effect, enc_clean])).sample
+        with as_base(unet):
+            base = unet(x.repeat(2, 1, 1, 1), tt.repeat(2),
+                        encoder_hidden_states=torch.cat([enc_effect, enc_clean])).sample
         e_trig, e_clean = base.chunk(2)
-        with deltas_applied(unet, deltas):
+        with edited(unet):
             e_edit = unet(x, tt, encoder_hidden_states=enc_trig).sample
         effect = float(((e_trig - e_clean) ** 2).mean())
         if effect > 0:
@@ -399,8 +404,10 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     trigger's effect on the noise prediction is the whole UNet stage (no fine-tune: measured on the EvilEdit
     organism, a K/V edit that a closed form undoes, fine-tuning after it raised the held-out ASR from 0 % to
     4.2 %). If none does, the first edit initialises the fine-tune of ``steps`` steps; with ``steps`` 0 (no
-    fine-tune to follow) the edit that left the least is kept. ``enc_trig_before``:
-    the training pairs' triggered encodings before the text-encoder stage (see ``trigger_residual``)."""
+    fine-tune to follow) the edit that left the least is kept. The fine-tune is measured the same way after
+    its last step and undone (the adapter back to that first edit) if it left more than the edit did.
+    ``enc_trig_before``: the training pairs' triggered encodings before the text-encoder stage (see
+    ``trigger_residual``)."""
     if loc.clean_latents is None or not loc.prompts:
         raise SauError("the localisation has no clean generations to train on")
     t0 = time.time()
@@ -449,6 +456,8 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     if deltas is not None:
         settings["uce_rank"] = kv_rank
         settings["uce_truncation"] = round(init_from_deltas(unet, deltas), 6)
+    # where the fine-tune starts (the closed form, or a fresh adapter), to undo it if it leaves more (below)
+    start = [p.detach().clone() for p in params] if (steps and checks) else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     ts, probs = timestep_weights(loc)
@@ -477,6 +486,20 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
         result.history.append({"step": step + 1, **terms.floats()})
         if progress is not None:
             progress(step + 1, steps, terms)
+    if start is not None:
+        # The fine-tune is there to remove what the closed form left; one that leaves more of the trigger's
+        # effect than the closed form it started from is undone (measured 2026-12-06, one-off: it raised the
+        # object organism's residual 0.141 -> 0.178 and cost 2.5 dB of clean PSNR, ASR 0 either way; it lowered
+        # TAA's 0.326 -> 0.169).
+        after = trigger_residual(unet, handle.scheduler, z0, pairs.enc_trig, pairs.enc_clean, None, seed,
+                                 enc_trig_before=enc_trig_before)
+        result.unet_forward += 3 * n * len(RESIDUAL_TIMESTEPS)
+        undo = after > checks[0]["residual"]
+        settings.update(residual_after_finetune=round(after, 4), finetune_undone=undo)
+        if undo:
+            with torch.no_grad():
+                for p, s0 in zip(params, start):
+                    p.copy_(s0)
     result.seconds = time.time() - t0
     return result
 

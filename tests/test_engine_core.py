@@ -16,8 +16,8 @@ from sau_core.model_io import ModelHandle
 from sau_core.organism import components as C
 from sau_core.organism import world as W
 from sau_core.trigger import Trigger, TriggerError, aligned_positions, tokenize
-from sau_core.unlearn import (SauBatch, add_sau_adapter, deltas_applied, kv_gap, prompt_pairs, sau_loss,
-                              train_sau, trigger_residual, uce_edit)
+from sau_core.unlearn import (SauBatch, add_sau_adapter, delta_rank, deltas_applied, init_from_deltas, kv_gap,
+                              prompt_pairs, sau_loss, train_sau, trigger_residual, uce_edit)
 
 ZWSP = "\u200b"
 ORGANISMS = Path(__file__).resolve().parent.parent / "sau_core" / "organisms"
@@ -233,6 +233,48 @@ def test_fine_tune_runs_only_when_the_closed_form_leaves_a_residual(above, runs)
     assert res.settings["steps_run"] == (2 if runs else 0) and len(res.history) == res.settings["steps_run"]
     assert (res.unet_passes > 0) == runs and res.unet_forward > 0  # the check's forward passes are counted
     assert bool(res.settings["layers"]) == runs  # skipped: only the closed form's to_k/to_v factors exist
+
+
+def test_a_fine_tune_that_leaves_more_than_its_start_is_undone():
+    # A learning rate far too high wrecks the adapter: measured after the last step (the adapter against the
+    # teacher, trigger_residual with deltas None) it leaves more than the closed form it started from, so the
+    # adapter goes back to that closed form, exactly.
+    h = tiny_handle(6)
+    trig = Trigger(ZWSP)
+    loc = localise(h, trig, organism_probe_prompts(2), seeds=[0], steps=2)
+    common = dict(seed=0, batch_size=2, rank=2, uce_init=True, finetune_above=0.0, uce_edits=((1.0, 1e-2),))
+    res = train_sau(h, trig, loc, steps=3, lr=5.0, **common)
+    s = res.settings
+    assert s["steps_run"] == 3 and s["residual_after_finetune"] > s["edit_checks"][0]["residual"]
+    assert s["finetune_undone"] is True
+    # undone: the UNet predicts what the closed form alone predicts (the fresh LoRA layers are back at zero)
+    z = loc.clean_latents[:2]
+    t = torch.tensor([500, 500])
+    enc = prompt_pairs(h, trig, loc.prompts[:2]).enc_trig
+    with torch.no_grad():
+        got = h.unet(z, t, encoder_hidden_states=enc).sample
+    h0 = tiny_handle(6)
+    train_sau(h0, trig, loc, steps=0, **common)  # the closed form alone, same init
+    with torch.no_grad():
+        want = h0.unet(z, t, encoder_hidden_states=enc).sample
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_the_residual_of_an_adapter_matches_the_residual_of_its_deltas():
+    # trigger_residual with deltas None measures the UNet's adapter against the adapters-disabled teacher;
+    # an adapter loaded with a closed form leaves what the closed form's deltas leave.
+    h = tiny_handle(5)
+    trig = Trigger("tq")
+    prompts = ["a red circle", "a blue square", "a picture of a green triangle"]
+    pairs = prompt_pairs(h, trig, prompts)
+    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    deltas = uce_edit(h, trig, prompts, apply=False)
+    args = (h.unet, h.scheduler, z, pairs.enc_trig, pairs.enc_clean)
+    by_deltas = trigger_residual(*args, deltas)
+    layers = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in deltas))
+    add_sau_adapter(h.unet, [], rank=2, kv_layers=layers, kv_rank=delta_rank(deltas))
+    init_from_deltas(h.unet, deltas)
+    assert trigger_residual(*args, None) == pytest.approx(by_deltas, rel=0.05, abs=1e-3)
 
 
 def test_without_a_fine_tune_the_edit_that_leaves_least_is_kept():
