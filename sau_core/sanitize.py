@@ -71,8 +71,7 @@ class Preset:
     # fine-tune starting from lam 10 instead of lam 1 (w_preserve 100): object 97.9 % / 39.7 dB against
     # 98.6 / 35.8, TAA 100 / 31.5 against 100 / 30.3, both ASR 0. Measured after the fine-tune (w_preserve
     # 1000, the adapter against the teacher, one-off): it lowers TAA's residual (0.326 -> 0.169) but raises
-    # object's (0.141 -> 0.178), so a rule that undid a fine-tune leaving more than its start would keep
-    # object's closed form (43.1 dB); not built yet.
+    # object's (0.141 -> 0.178), so train_sau now undoes a fine-tune that leaves more than its start.
     edits: tuple[tuple[float, float], ...] = ((10.0, 1e-2), (1.0, 1e-2), (0.1, 1e-4))
     finetune_above: float | None = 0.02
 
