@@ -423,10 +423,10 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     z0 = loc.clean_latents.to(unet.device, unet.dtype)
     kv_layers, kv_rank, deltas = [], None, None
     residual_forward = 0
+    checks = []  # the closed forms measured (none without uce_init / finetune_above)
     if uce_init:  # the closed form on every attn2 layer, carried by the adapter (the base stays the teacher)
         rows = edit_rows(handle, trigger, uce_prompts or loc.prompts, uce_preserve)
         first = chosen = least = None
-        checks = []
         for keep, ridge in uce_edits:
             d = solve_edit(handle, rows, lam=keep, mu=ridge, apply=False)
             first = first or (keep, ridge, d)

@@ -33,9 +33,16 @@ ASSUMED_TFLOPS = 0.30 * 989
 
 
 def unet_passes(preset) -> dict:
-    """UNet batch rows the preset runs: localisation forwards; SAU student rows (fwd+bwd) and teacher rows."""
-    loc = 4 * preset.probes * len(preset.seeds) * preset.loc_steps
-    return {"localise_forward": loc, "student_fwd_bwd": 3 * preset.batch_size * preset.unet_steps,
+    """UNet batch rows the preset runs, at most: localisation forwards; the residual checks of the closed-form
+    edits and of the fine-tune (3 rows per training latent and residual timestep, unlearn.trigger_residual);
+    SAU student rows (fwd+bwd) and teacher rows."""
+    from sau_core.unlearn import RESIDUAL_TIMESTEPS
+
+    latents = preset.probes * len(preset.seeds)
+    checks = len(preset.edits) + (1 if preset.unet_steps else 0)
+    return {"localise_forward": 4 * latents * preset.loc_steps,
+            "residual_forward": checks * 3 * latents * len(RESIDUAL_TIMESTEPS),
+            "student_fwd_bwd": 3 * preset.batch_size * preset.unet_steps,
             "teacher_forward": 2 * preset.batch_size * preset.unet_steps}
 
 
@@ -93,7 +100,7 @@ def project(preset_name: str, out: Path) -> None:
     n = unet_passes(p)
     # A student row (forward + backward) is counted as 3 forwards, the usual rule for full training; with the
     # base frozen (gradients for activations and the tiny LoRA factors only) it is nearer 2: conservative.
-    total = f * (n["localise_forward"] + n["teacher_forward"] + 3 * n["student_fwd_bwd"])
+    total = f * (n["localise_forward"] + n["residual_forward"] + n["teacher_forward"] + 3 * n["student_fwd_bwd"])
     seconds = total / (ASSUMED_TFLOPS * 1e12)
     lines = [
         "# GPU figures for a clean of an SD1.5-architecture model: PROJECTED, not measured", "",
@@ -104,7 +111,8 @@ def project(preset_name: str, out: Path) -> None:
         f"- preset: **{preset_name}** ({p.probes} probes x {len(p.seeds)} seeds x {p.loc_steps} localisation steps, "
         f"{p.unet_steps} SAU steps of batch {p.batch_size})",
         f"- one SD1.5 UNet forward at 512 px (64x64 latent, 77 tokens): {f / 1e9:.0f} GFLOP",
-        f"- UNet batch rows: localisation {n['localise_forward']} forward; SAU {n['student_fwd_bwd']} forward+backward "
+        f"- UNet batch rows: localisation {n['localise_forward']} forward; residual checks of the closed forms and "
+        f"the fine-tune up to {n['residual_forward']} forward; SAU {n['student_fwd_bwd']} forward+backward "
         f"(counted as 3 forwards each) and {n['teacher_forward']} teacher forwards",
         f"- total: {total / 1e15:.2f} PFLOP",
         f"- assumed sustained throughput: {ASSUMED_TFLOPS:.0f} TFLOP/s (30 % of an H100 SXM's 989 dense fp16)",
