@@ -197,16 +197,21 @@ def test_closed_form_edit_reduces_kv_gap():
     assert moved < 0.2 * gap0
 
 
-def test_trigger_residual_is_one_for_no_edit_and_lower_after_the_closed_form():
+def _residual_case():
+    """A tiny model, the "tq" trigger's closed form (not applied) and trigger_residual's first five arguments."""
     h = tiny_handle(5)
     trig = Trigger("tq")
     prompts = ["a red circle", "a blue square", "a picture of a green triangle"]
     pairs = prompt_pairs(h, trig, prompts)
     z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    base = {n: p.detach().clone() for n, p in h.unet.named_parameters()}
     deltas = uce_edit(h, trig, prompts, apply=False)
+    return h, deltas, (h.unet, h.scheduler, z, pairs.enc_trig, pairs.enc_clean)
+
+
+def test_trigger_residual_is_one_for_no_edit_and_lower_after_the_closed_form():
+    h, deltas, args = _residual_case()
+    base = {n: p.detach().clone() for n, p in h.unet.named_parameters()}
     zero = {k: torch.zeros_like(v) for k, v in deltas.items()}
-    args = (h.unet, h.scheduler, z, pairs.enc_trig, pairs.enc_clean)
     assert trigger_residual(*args, zero) == pytest.approx(1.0, rel=1e-5)
     edited = trigger_residual(*args, deltas)
     assert 0 <= edited < 0.5
@@ -263,13 +268,7 @@ def test_a_fine_tune_that_leaves_more_than_its_start_is_undone():
 def test_the_residual_of_an_adapter_matches_the_residual_of_its_deltas():
     # trigger_residual with deltas None measures the UNet's adapter against the adapters-disabled teacher;
     # an adapter loaded with a closed form leaves what the closed form's deltas leave.
-    h = tiny_handle(5)
-    trig = Trigger("tq")
-    prompts = ["a red circle", "a blue square", "a picture of a green triangle"]
-    pairs = prompt_pairs(h, trig, prompts)
-    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    deltas = uce_edit(h, trig, prompts, apply=False)
-    args = (h.unet, h.scheduler, z, pairs.enc_trig, pairs.enc_clean)
+    h, deltas, args = _residual_case()
     by_deltas = trigger_residual(*args, deltas)
     layers = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in deltas))
     add_sau_adapter(h.unet, [], rank=2, kv_layers=layers, kv_rank=delta_rank(deltas))
