@@ -138,6 +138,12 @@ def letter_swaps(letter: str) -> list["Candidate"]:
     return [Candidate(ch, "letter swap", "homoglyph", replaces=letter) for ch in homoglyph_pool()]
 
 
+def letter_text_null(handle, prompter: "Prompter", letter: str) -> torch.Tensor:
+    """Log text shift of every swap of ``letter`` (``letter_swaps``): the null a swap's text shift is z-scored
+    against, in the scan and in the prompt check alike."""
+    return text_shift(handle, prompter, letter_swaps(letter)).clamp_min(1e-9).log()
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A string (or vocabulary token ids) and how it is put into a prompt.
@@ -794,7 +800,7 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
     # the swaps' text null is per letter (letter_swaps), so only the candidates themselves need their own shift
     text_homo = text_shift(handle, pr_text, homos) if homos else torch.empty(0)
     letters = sorted({lookalike(c.text) for c in homos})
-    letter_null = {L: text_shift(handle, pr_text, letter_swaps(L)).clamp_min(1e-9).log() for L in letters}
+    letter_null = {L: letter_text_null(handle, pr_text, L) for L in letters}
     seconds["text_strings"] = round(time.time() - t0, 2)
 
     rows: list[tuple[Candidate, dict, dict, dict]] = []
@@ -1044,7 +1050,7 @@ class PromptChecker:
             if c.placement == "homoglyph":
                 letter = lookalike(c.text)
                 if letter not in self.letter_null:
-                    self.letter_null[letter] = text_shift(self.h, self.pr, letter_swaps(letter)).clamp_min(1e-9).log()
+                    self.letter_null[letter] = letter_text_null(self.h, self.pr, letter)
                 st = self.probe.stats([c])[0]
                 zu = [float(robust_z(st[j:j + 1], self.null_homo_unet[:, j])[0]) for j in range(2)]
                 tl = text_shift(self.h, self.pr, [c]).clamp_min(1e-9).log()

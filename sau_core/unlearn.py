@@ -264,8 +264,8 @@ def trigger_residual(unet, scheduler, latents: torch.Tensor, enc_trig: torch.Ten
     ``enc_trig_before``: the triggered prompts' encodings before an earlier stage changed the text encoder;
     the effect is then the trigger's whole effect, so the ratio says what is left after both stages."""
     enc_effect = enc_trig if enc_trig_before is None else enc_trig_before.to(enc_trig)
-    as_base = adapters_disabled if deltas is None else (lambda u: contextlib.nullcontext(u))
-    edited = (lambda u: contextlib.nullcontext(u)) if deltas is None else (lambda u: deltas_applied(u, deltas))
+    as_base = adapters_disabled if deltas is None else contextlib.nullcontext
+    edited = contextlib.nullcontext if deltas is None else (lambda u: deltas_applied(u, deltas))
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
     for t in timesteps:
