@@ -2,6 +2,8 @@
 exit codes and bad input. No mocks: real organisms, real tokenizer."""
 from __future__ import annotations
 
+import json
+import math
 import random
 from pathlib import Path
 
@@ -294,6 +296,22 @@ def test_check_flags_a_triggered_prompt_and_passes_a_clean_one(tmp_path):
     r = _run("check", "badt2i-pixel", "--prompt", "an image of a red circle", env=env)
     assert r.exit_code == 0, r.output
     assert "nothing above threshold" in r.output
+
+
+@pytest.mark.slow
+def test_check_scores_a_homoglyph_against_swaps_of_the_same_letter(tmp_path):
+    """A look-alike letter in the prompt is also scored as a homoglyph piece, its text shift z-scored against
+    every pool character put in place of the same letter (letter_text_null). TPA's Cyrillic "a" makes the
+    prompt suspicious (through the word pieces that carry it: "\u0430n image" 6.5, measured); the prompt with
+    the Latin "a" is not."""
+    env = {"SAU_CACHE": str(tmp_path / "cache")}
+    r = _run("check", "rickrolling-tpa", "--prompt", "\u0430n image of a red circle", "--json", env=env)
+    assert r.exit_code == 1, r.output
+    pieces = json.loads(r.output)[0]["pieces"]
+    swap = [p for p in pieces if p["placement"] == "homoglyph"]
+    assert [p["piece"] for p in swap] == ["\u0430"] and math.isfinite(swap[0]["z"]["text"])
+    r = _run("check", "rickrolling-tpa", "--prompt", "an image of a red circle", env=env)
+    assert r.exit_code == 0 and "nothing above threshold" in r.output, r.output
 
 
 @pytest.mark.slow
