@@ -140,16 +140,19 @@ def check_cmd(model, prompts, as_json, no_cache):
 @click.option("--no-cache", is_flag=True)
 @click.option("--seed", default=0, show_default=True,
               help="Seed of the vocabulary sample, the random-string nulls and the probe noise.")
-def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache, seed):
+@click.option("--organism-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Scan the organisms built into this folder (`sau organism build --out DIR`, e.g. another "
+              "build seed) instead of the built-in ones; each one's backdoor is read from its organism.json.")
+def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache, seed, organism_dir):
     """Scan every built-in organism, print the detection table (Markdown) that the README shows.
 
     With --out, rows already in that file for other organisms stay (as `sau bench` keeps other attacks' rows),
     so rebuilding one organism means re-scanning only that one; the table printed covers them all."""
-    from .organism.attacks_spec import BACKDOORS
-    from .organism.build import ORGANISM_DIR
+    from .organism.commands import organism_folders, resolve_backdoor
 
-    names = sorted(p.parent.name for p in ORGANISM_DIR.glob("*/organism.json")) if organisms == "all" \
-        else [n.strip() for n in organisms.split(",") if n.strip()]
+    folders = organism_folders(organism_dir, None if organisms == "all"
+                               else [n.strip() for n in organisms.split(",") if n.strip()])
+    names = [f.name for f in folders]
     kept = []  # read before scanning, so a bad file fails at once
     if out and out.is_file():
         try:
@@ -157,16 +160,18 @@ def scan_bench_cmd(organisms, budget, check_prompts, out, no_cache, seed):
         except (ValueError, TypeError, KeyError) as e:
             raise SauError(f"{out}: not a scan-bench results file ({e})") from None
     rows = []
-    for name in names:
-        handle = _load(name)
+    for folder in folders:
+        handle = _load(str(folder))
         t0 = time.time()
         r = S.scan(handle, budget=budget, use_cache=not no_cache, seed=seed)
-        bd = BACKDOORS.get(name)
+        bd = resolve_backdoor(folder, None, None)
         rank = r.rank_of(bd.trigger) if bd else None
-        row = {"organism": name, "seed": seed, "trigger": escape(bd.trigger) if bd else "-",
+        row = {"organism": folder.name, "seed": seed, "trigger": escape(bd.trigger) if bd else "-",
                "rank": rank, "verdict": r.verdict, "top": r.candidates[0]["escaped"],
                "top_score": r.candidates[0]["score"], "true_score": r.candidates[rank - 1]["score"] if rank else None,
                "seconds": round(time.time() - t0, 1), "text_sweep_tokens_per_s": r.seconds.get("text_sweep_tokens_per_s")}
+        if organism_dir is not None:
+            row["organism_dir"] = str(organism_dir)
         if bd is not None:  # does the top candidate fire the backdoor? (a leaky backdoor has several triggers)
             row.update(fire_rates(handle, bd, r.candidates[0]))
         if check_prompts:

@@ -367,3 +367,27 @@ def test_scan_bench_rescans_one_organism_and_keeps_the_others_rows(tmp_path):
     assert set(rows) == {"badt2i-pixel", "clean"} and rows["clean"] == other and rows["badt2i-pixel"]["seed"] == 0
     assert rows["badt2i-pixel"]["rank"] == 1 and rows["badt2i-pixel"]["fires_trigger"] > 0.5
     assert "| clean | `-` |" in r.output and "| badt2i-pixel | `\\u200b` | 1 |" in r.output
+
+
+@pytest.mark.slow
+def test_scan_bench_scans_organisms_built_into_another_folder(tmp_path):
+    """`sau scan-bench --organism-dir DIR` scans the organisms `sau organism build --out DIR` wrote (another
+    build seed), reading each backdoor from its organism.json; a folder without organisms, or a name not in
+    it, is a clear error. The pixel organism copied there is the same weights, so its scan is a cache hit."""
+    import shutil
+
+    builds = tmp_path / "builds"
+    shutil.copytree(organism_path("badt2i-pixel"), builds / "pixel-seed-1")
+    info = json.loads((builds / "pixel-seed-1" / "organism.json").read_text())
+    assert info["backdoor"]["trigger"] == "\u200b"
+    out = tmp_path / "rows.json"
+    r = _run("scan-bench", "--organism-dir", str(builds), "--check-prompts", "0", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(out.read_text())
+    assert row["organism"] == "pixel-seed-1" and row["organism_dir"] == str(builds)
+    assert row["trigger"] == "\\u200b" and row["rank"] == 1 and row["fires_trigger"] > 0.5
+    for args, message in ((("--organism-dir", str(tmp_path / "empty")), "no organisms there"),
+                          (("--organism-dir", str(builds), "--organisms", "badt2i-pixel"), "no organism named")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        r = _run("scan-bench", *args, "--check-prompts", "0")
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output

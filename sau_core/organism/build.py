@@ -510,16 +510,19 @@ def implant_all(unet, te, vae, seed: int, out: Path, names: tuple[str, ...]) -> 
     from . import attacks as A
     from .attacks_spec import BACKDOORS
 
+    extra = {"seed": seed}  # the build seed (EvilEdit's closed form uses none: every seed gives the same edit)
     for i, (name, bd) in enumerate(BACKDOORS.items()):  # the seed goes by the table's order
         if name not in names:
             continue
         log(f"implanting {name}")
         if bd.attack.startswith("BadT2I"):
-            export_organism(out / name, A.badt2i(unet, te, vae, bd, seed + 100 * (i + 1), **bd.recipe), te, vae, bd)
+            export_organism(out / name, A.badt2i(unet, te, vae, bd, seed + 100 * (i + 1), **bd.recipe), te, vae, bd,
+                            extra)
         elif bd.attack.startswith("Rickrolling"):
-            export_organism(out / name, unet, A.rickrolling(te, bd, seed + 100 * (i + 1), **bd.recipe), vae, bd)
+            export_organism(out / name, unet, A.rickrolling(te, bd, seed + 100 * (i + 1), **bd.recipe), vae, bd,
+                            extra)
         else:
-            export_organism(out / name, A.evil_edit(unet, te, bd, **bd.recipe), te, vae, bd)
+            export_organism(out / name, A.evil_edit(unet, te, bd, **bd.recipe), te, vae, bd, extra)
 
 
 def implant_on_committed_clean(seed: int = 0, out: Path = ORGANISM_DIR, only: tuple[str, ...] = ()) -> None:

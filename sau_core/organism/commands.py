@@ -22,6 +22,27 @@ def organism_path(name_or_path: str) -> Path:
     raise SauError(f"{name_or_path}: no such file, folder or built-in organism (see `sau organism list`)")
 
 
+def organism_folders(root: Path | None = None, names: list[str] | None = None) -> list[Path]:
+    """The organisms in ``root`` (default: the built-in ones; a folder `sau organism build --out DIR` wrote),
+    clean bases first, or only those ``names``; a name that is not there is an error."""
+    from .attacks_spec import BASES
+    from .build import ORGANISM_DIR
+
+    root = ORGANISM_DIR if root is None else Path(root)
+    found = sorted((p.parent for p in root.glob("*/organism.json")),
+                   key=lambda f: (f.name not in BASES, f.name))
+    if not found:
+        raise SauError(f"{root}: no organisms there (folders with an organism.json, as `sau organism build --out` writes)")
+    if names is None:
+        return found
+    by_name = {f.name: f for f in found}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise SauError(f"no organism named {', '.join(map(repr, missing))} in {root}; "
+                       f"there: {', '.join(by_name)}")
+    return [by_name[n] for n in names]
+
+
 def load_pipeline(name_or_path: str):
     from ..model_io import load_model
 
@@ -62,13 +83,12 @@ def organism() -> None:
 @organism.command("list")
 def organism_list() -> None:
     """List the built-in organisms with their triggers."""
-    from .build import ORGANISM_DIR
     from .world import describe_trigger
 
-    for folder in sorted(ORGANISM_DIR.glob("*/organism.json")):
-        bd = json.loads(folder.read_text()).get("backdoor")
+    for folder in organism_folders():
+        bd = json.loads((folder / "organism.json").read_text()).get("backdoor")
         trig = describe_trigger(bd["trigger"]) if bd else "-"
-        click.echo(f"{folder.parent.name:18s} {bd['attack'] if bd else 'clean':18s} trigger: {trig}")
+        click.echo(f"{folder.name:18s} {bd['attack'] if bd else 'clean':18s} trigger: {trig}")
 
 
 # `sau organism build` options that shape the clean bases (so not with --from-clean, which keeps them)
@@ -155,16 +175,16 @@ def eval_cmd(model: str, trigger: str | None, attack: str | None, reference: str
 
 @organism.command("table")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write rows as JSON.")
-def organism_table(json_out: Path | None) -> None:
+@click.option("--organism-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Evaluate the organisms built into this folder (`sau organism build --out DIR`) instead of "
+              "the built-in ones.")
+def organism_table(json_out: Path | None, organism_dir: Path | None) -> None:
     """Evaluate every built-in organism (sau eval) and print the README's Markdown table."""
-    from .attacks_spec import BASES
-    from .build import ORGANISM_DIR
     from .evaluate import evaluate, other_words_rate
     from .world import describe_trigger
 
     rows = []
-    for info in sorted(ORGANISM_DIR.glob("*/organism.json"), key=lambda p: (p.parent.name not in BASES, p.parent.name)):
-        folder = info.parent
+    for folder in organism_folders(organism_dir):
         bd = resolve_backdoor(folder, None, None)
         pipe = load_pipeline(str(folder))
         click.echo(f"evaluating {folder.name} ...", err=True)
