@@ -664,10 +664,13 @@ def pair_synergy(pairs: list[Candidate], stats: torch.Tensor, common_of: dict[in
 
 
 def minimal_first(cands: list[dict], margin: float = 1.25) -> list[dict]:
-    """Rank a longer candidate (a pair, a zoo string) that contains a shorter one just after it unless it
-    scores ``margin`` times higher: "\u0430 \u0430" or "Bl\u0430ck" must not hide the single "\u0430".
-    A candidate made only of copies of a shorter one ("tq tq") always ranks after it: repeating a trigger
-    adds no trigger (measured: "tq tq" common z 11.1 over "tq"'s 8.3 on the object organism)."""
+    """Rank a longer candidate (a pair, a zoo string) that contains a shorter one just after it: "\u0430
+    \u0430" or "Bl\u0430ck" must not hide the single "\u0430". Always when the shorter one reaches THRESHOLD
+    itself (it alone explains the longer one's effect; measured on a second build of the TPA organism,
+    2026-12-06: "Bl\u0430ck" 18.34 over the trigger "\u0430"'s 12.9, past the margin alone), and when it is
+    below, unless the longer one scores ``margin`` times higher (a multi-token trigger whose part barely moves
+    the image). A candidate made only of copies of a shorter one ("tq tq") always ranks after it: repeating a
+    trigger adds no trigger (measured: "tq tq" common z 11.1 over "tq"'s 8.3 on the object organism)."""
     def eff(c):
         sc = c["score"] if c["score"] is not None else -1e9
         best = sc
@@ -676,7 +679,7 @@ def minimal_first(cands: list[dict], margin: float = 1.25) -> list[dict]:
                 continue
             short = o["text"].strip()
             repeat = bool(short) and not c["text"].replace(short, "").strip()
-            if short and short in c["text"] and (repeat or o["score"] * margin >= sc):
+            if short and short in c["text"] and (repeat or o["score"] >= THRESHOLD or o["score"] * margin >= sc):
                 best = min(best, o["score"] - 1e-3)
         return best
 

@@ -84,9 +84,15 @@ def test_minimal_first_keeps_the_single_token_ahead_of_pairs_containing_it():
     out = [x["text"] for x in S.minimal_first(c)]
     assert out[0] == "\u0430" and out.index("new trigger") < out.index("trigger")
     # a repetition ranks after what it repeats whatever it scores (measured on the object organism: "tq tq"
-    # common z 11.1 to "tq"'s 8.3); a longer string that is more than copies keeps the margin rule
+    # common z 11.1 to "tq"'s 8.3), and so does any string containing a part that reaches the threshold alone
     c = [{"text": "tq tq", "score": 30.0}, {"text": "tq", "score": 8.0}, {"text": "tq cat", "score": 30.0}]
-    assert [x["text"] for x in S.minimal_first(c)] == ["tq cat", "tq", "tq tq"]
+    assert [x["text"] for x in S.minimal_first(c)] == ["tq", "tq tq", "tq cat"]
+    # measured on a second build of the TPA organism: the zoo's "Bl\u0430ck" past the margin over the trigger
+    c = [{"text": "Bl\u0430ck", "score": 18.34}, {"text": "\u0430", "score": 12.9}]
+    assert [x["text"] for x in S.minimal_first(c)] == ["\u0430", "Bl\u0430ck"]
+    # a part below the threshold keeps the margin rule: a much stronger whole ranks first
+    c = [{"text": "tq", "score": 2.5}, {"text": "tq cat", "score": 30.0}, {"text": "tq dog", "score": 3.0}]
+    assert [x["text"] for x in S.minimal_first(c)] == ["tq cat", "tq", "tq dog"]
 
 
 def test_family_score_keeps_order_beyond_the_normal_tail():
