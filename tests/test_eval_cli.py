@@ -40,6 +40,17 @@ def test_organism_list_shows_escaped_triggers():
     assert "badt2i-pixel" in r.output and "\\u200b" in r.output and "\\u0430" in r.output
 
 
+def test_organism_list_puts_the_clean_bases_first():
+    names = [line.split()[0] for line in run("organism", "list").output.splitlines()]
+    assert names[:2] == ["clean", "clean-plain"] and "evil-edit" in names[2:]
+
+
+def test_organism_table_of_a_folder_without_organisms_is_one_line_error(tmp_path):
+    r = run("organism", "table", "--organism-dir", str(tmp_path))
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "no organisms there" in r.output
+    assert "Traceback" not in r.output
+
+
 def test_eval_refuses_more_seeds_than_there_are():
     r = run("eval", "badt2i-pixel", "--seeds", "5")
     assert r.exit_code == 2 and r.output.startswith("error: --seeds 5") and "Traceback" not in r.output
