@@ -251,6 +251,12 @@ def deltas_applied(unet, deltas: dict[str, torch.Tensor]):
                 _base_linear(unet.get_submodule(path)).weight.copy_(w)
 
 
+def residual_forwards(n_latents: int) -> int:
+    """UNet batch rows one trigger_residual runs: [triggered; clean] base rows and the edited row, per latent
+    and residual timestep."""
+    return 3 * n_latents * len(RESIDUAL_TIMESTEPS)
+
+
 @torch.no_grad()
 def trigger_residual(unet, scheduler, latents: torch.Tensor, enc_trig: torch.Tensor, enc_clean: torch.Tensor,
                      deltas: dict[str, torch.Tensor] | None, seed: int = 0,
@@ -424,6 +430,13 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     kv_layers, kv_rank, deltas = [], None, None
     residual_forward = 0
     checks = []  # the closed forms measured (none without uce_init / finetune_above)
+
+    def residual(d):  # what the edit ``d`` (None: the adapter) leaves of the trigger's effect (trigger_residual)
+        nonlocal residual_forward
+        residual_forward += residual_forwards(z0.shape[0])
+        return trigger_residual(unet, handle.scheduler, z0, pairs.enc_trig, pairs.enc_clean, d, seed,
+                                enc_trig_before=enc_trig_before)
+
     if uce_init:  # the closed form on every attn2 layer, carried by the adapter (the base stays the teacher)
         rows = edit_rows(handle, trigger, uce_prompts or loc.prompts, uce_preserve)
         first = chosen = least = None
@@ -432,9 +445,7 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
             first = first or (keep, ridge, d)
             if finetune_above is None:  # only the first edit, unmeasured
                 break
-            ratio = trigger_residual(unet, handle.scheduler, z0, pairs.enc_trig, pairs.enc_clean, d, seed,
-                                     enc_trig_before=enc_trig_before)
-            residual_forward += 3 * z0.shape[0] * len(RESIDUAL_TIMESTEPS)
+            ratio = residual(d)
             checks.append({"keep": keep, "ridge": ridge, "residual": round(ratio, 4)})
             if least is None or ratio < least[0]:
                 least = (ratio, (keep, ridge, d))
@@ -464,7 +475,7 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
     sched = handle.scheduler
     n = z0.shape[0]
     result = SauResult(ADAPTER, layers, sorted(getattr(unet, "peft_config")[ADAPTER].target_modules),
-                       settings=settings, unet_forward=residual_forward)
+                       settings=settings)
     unet.train(False)  # no dropout; gradients still flow
     for step in range(steps):
         idx = torch.randint(0, n, (batch_size,), generator=gen)
@@ -491,15 +502,14 @@ def train_sau(handle, trigger: Trigger, loc: Localisation, steps: int = 100, see
         # effect than the closed form it started from is undone (measured 2026-12-06, one-off: it raised the
         # object organism's residual 0.141 -> 0.178 and cost 2.5 dB of clean PSNR, ASR 0 either way; it lowered
         # TAA's 0.326 -> 0.169).
-        after = trigger_residual(unet, handle.scheduler, z0, pairs.enc_trig, pairs.enc_clean, None, seed,
-                                 enc_trig_before=enc_trig_before)
-        result.unet_forward += 3 * n * len(RESIDUAL_TIMESTEPS)
+        after = residual(None)
         undo = after > checks[0]["residual"]
         settings.update(residual_after_finetune=round(after, 4), finetune_undone=undo)
         if undo:
             with torch.no_grad():
                 for p, s0 in zip(params, start):
                     p.copy_(s0)
+    result.unet_forward += residual_forward
     result.seconds = time.time() - t0
     return result
 

@@ -36,12 +36,12 @@ def unet_passes(preset) -> dict:
     """UNet batch rows the preset runs, at most: localisation forwards; the residual checks of the closed-form
     edits and of the fine-tune (3 rows per training latent and residual timestep, unlearn.trigger_residual);
     SAU student rows (fwd+bwd) and teacher rows."""
-    from sau_core.unlearn import RESIDUAL_TIMESTEPS
+    from sau_core.unlearn import residual_forwards
 
     latents = preset.probes * len(preset.seeds)
     checks = len(preset.edits) + (1 if preset.unet_steps else 0)
     return {"localise_forward": 4 * latents * preset.loc_steps,
-            "residual_forward": checks * 3 * latents * len(RESIDUAL_TIMESTEPS),
+            "residual_forward": checks * residual_forwards(latents),
             "student_fwd_bwd": 3 * preset.batch_size * preset.unet_steps,
             "teacher_forward": 2 * preset.batch_size * preset.unet_steps}
 
