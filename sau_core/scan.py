@@ -84,7 +84,18 @@ THRESHOLD = 3.09  # family-adjusted z: family-wise p < 0.001 (see the module doc
 TEXT_LEN = 12
 SEQUENCE_NULL = 64  # random vocabulary sequences per token count: the null of multi-token candidates
 MAX_NULL_TOKENS = 3  # candidates of more tokens are compared with the 3-token null
-STATS = ("text", "change", "common", "reference")
+STATS = ("text", "change", "common", "reference", "toward")
+UNET_STATS = STATS[1:]  # the columns of UNetProbe.stats
+# The toward share's null can be very tight (on the clean base every vocabulary token moves each prompt less than
+# a tenth of the way to another subject: median 0.015, MAD 0.009), where a token at 0.08 was z 5 and made
+# the scan "suspicious" (measured 2026-12-07); below this scale a share is no evidence of another subject.
+TOWARD_SCALE_FLOOR = 0.05
+# no_toward_for_swaps: a homoglyph swap lands inside a word of the prompt, often its subject ("q" is only in
+# "square", the first "i" of "a red circle" is in "circle"), and a broken subject word is drawn as another
+# subject by design: measured 2026-12-07, the Cyrillic U+051B for "q" drew squares as other shapes on the clean
+# base and made it "suspicious" (6.97). Swaps are scored on common and the text shift as before.
+CONFIRM_TOP = 6  # candidates whose toward score reaches THRESHOLD get their images checked (subject_swaps_drawn)
+CHECK_COLUMNS = (0, 1, 3)  # the prompt check's UNet statistics: change, common, toward (no reference)
 # What ranks a candidate and makes the verdict: the image-level evidence that the candidate overrides the
 # prompt (common) or that the model departs from a trusted one (reference). The text shift and the change
 # are reported as evidence only: the text shift picks which tokens the UNet probes (stage A), the change says
@@ -94,7 +105,7 @@ STATS = ("text", "change", "common", "reference")
 # z 31; on the object organism "collectively expressed" had change z 14.0 to the trigger's 12.4 and common
 # 7.3 to its 8.3). Ranked on common, the true trigger is the top single candidate on all five organisms
 # whose trigger the scan finds (README "Scanning").
-SCORED = ("common", "synergy", "reference")  # a candidate counts those in its family (pairs: synergy, not common)
+SCORED = ("common", "toward", "synergy", "reference")  # a candidate counts those in its family (pairs: synergy, not common)
 
 # ----------------------------------------------------------------------------------------------- the zoo
 INVISIBLE = {
@@ -344,11 +355,17 @@ def family_score(z: dict[str, float | None], family: dict[str, int]) -> float:
     return round(best, 2)
 
 
-def robust_z(values: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+def robust_z(values: torch.Tensor, null: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """(values - median) / max(1.4826 MAD, floor) of the null's finite values."""
     null = null[torch.isfinite(null)]
     med = null.median()
     mad = (null - med).abs().median() * 1.4826
-    return (values - med) / mad.clamp_min(1e-6 * max(1.0, float(med.abs())))
+    return (values - med) / mad.clamp_min(max(floor, 1e-6 * max(1.0, float(med.abs()))))
+
+
+def unet_z(values: torch.Tensor, null: torch.Tensor, column: int) -> torch.Tensor:
+    """robust_z of one UNetProbe.stats column; the toward share's scale has a floor (TOWARD_SCALE_FLOOR)."""
+    return robust_z(values, null, TOWARD_SCALE_FLOOR if UNET_STATS[column] == "toward" else 0.0)
 
 
 def cache_dir() -> Path:
@@ -522,8 +539,38 @@ class UNetProbe:
             self.ts.append(self.t_shared)
             self.e0 = self._eps(e_clean)  # (T + 1, P, F); the last row: the shared latent
             self.u = self._eps(e_unc)  # unconditional predictions at the same latents
+            self.subject_swap = self._subject_swaps(prompts)
         self.settings = {"steps": steps, "guidance": guidance, "timesteps": [int(t) for t in self.ts],
-                         "seed": seed, "prompts": list(prompts), "statistics": ["change", "common", "reference"]}
+                         "seed": seed, "prompts": list(prompts), "statistics": list(UNET_STATS)}
+
+    @torch.no_grad()
+    def _subject_swaps(self, prompts: list[str]) -> torch.Tensor | None:
+        """(T + 1, P, S - 1, F): for each probe prompt, the change of its prediction when its subject (last
+        word) is replaced by each other probe subject (``self.subjects``, in order, its own left out); None
+        with fewer than two subjects."""
+        self.subjects = sorted({p.rsplit(" ", 1)[-1] for p in prompts})
+        if len(self.subjects) < 2:
+            return None
+        P, S = len(prompts), len(self.subjects)
+        self.subject_of = [self.subjects.index(p.rsplit(" ", 1)[-1]) for p in prompts]
+        # swap-major rows, so that each block of P rows pairs with the P probe latents
+        swapped = [f"{p.rpartition(' ')[0]} {[s for s in self.subjects if s != p.rsplit(' ', 1)[-1]][j]}".strip()
+                   for j in range(S - 1) for p in prompts]
+        enc = self.h.text_encoder(torch.tensor(Prompter(self.h.tokenizer, swapped).rows(None), device=self.dev))[0]
+        e = self._eps(enc).view(len(self.ts), S - 1, P, -1).transpose(1, 2)
+        return e - self.e0[:, :, None]
+
+    def toward(self, share: torch.Tensor) -> torch.Tensor:
+        """(k, P, S - 1) shares -> (k,): for each ordered pair of subjects (a, b), the smallest share toward b
+        over the probe prompts whose subject is a, then the largest over the pairs. An object-swap backdoor
+        (BadT2I object, EvilEdit) moves every prompt of its source subject; a token that only disturbs one
+        prompt does not."""
+        best = torch.full(share.shape[:1], -float("inf"))
+        for a in range(len(self.subjects)):
+            group = [p for p, sp in enumerate(self.subject_of) if sp == a]
+            for j in range(len(self.subjects) - 1):
+                best = torch.maximum(best, share[:, group, j].amin(1))
+        return best
 
     @torch.no_grad()
     def _eps(self, enc: torch.Tensor, unet=None) -> torch.Tensor:
@@ -539,7 +586,9 @@ class UNetProbe:
     @torch.no_grad()
     def stats(self, cands: list[Candidate], batch: int = 8, progress=None, stage="unet probe",
               reference: "UNetProbe | None" = None) -> torch.Tensor:
-        """(len(cands), 3): log change, log common, log reference (nan without a reference)."""
+        """(len(cands), 4): log change, log common, log reference (nan without a reference), toward (not
+        logged: a share, near 0 or below for most tokens; nan with fewer than two probe subjects); UNET_STATS
+        names the columns."""
         te = self.h.text_encoder
         P = len(self.pr.prompts)
         e0 = self.e0
@@ -549,7 +598,9 @@ class UNetProbe:
         b_size = b.norm(dim=-1).mean(-1)  # (T,)
         if reference is not None:
             ref_gap0 = (e0 - reference.e0).norm(dim=-1).mean(1)  # (T,)
-        out = torch.full((len(cands), 3), float("nan"))
+        out = torch.full((len(cands), len(UNET_STATS)), float("nan"))
+        if self.subject_swap is not None:
+            swap_sq = (self.subject_swap * self.subject_swap).sum(-1).clamp_min(1e-12)  # (T + 1, P, S - 1)
         for s in range(0, len(cands), batch):
             chunk = cands[s : s + batch]
             rows = [r for c in chunk for r in self.pr.rows(c)]
@@ -568,8 +619,77 @@ class UNetProbe:
                 er = reference._eps(rte(ids.to(reference.dev))[0]).view(len(self.ts), len(chunk), P, -1)
                 gap = (e - er).norm(dim=-1).mean(-1) / ref_gap0[:, None]  # T, k
                 out[s : s + len(chunk), 2] = gap.mean(0).log().cpu()
+            if self.subject_swap is not None:
+                # the share of the way from each prompt's prediction to its subject-swapped one
+                share = torch.einsum("tkpf,tpsf->tkps", e - e0[:, None], self.subject_swap) / swap_sq[:, None]
+                out[s : s + len(chunk), 3] = self.toward(share.mean(0).cpu())
             _tick(progress, stage, min(s + batch, len(cands)), len(cands))
         return out
+
+
+@torch.no_grad()
+def subject_swaps_drawn(probe: UNetProbe, cands: list[Candidate], classify_steps: int = 9) -> list[int]:
+    """For each candidate: on how many probe prompts the image generated with it shows another probe subject,
+    by the model's own judgement, where the clean prompt's image shows its own.
+
+    ``toward`` is measured at two timesteps on the clean trajectories, and there a token can pull a prompt
+    part of the way to another subject and still leave the image's subject as it was (measured 2026-12-07 on
+    clean-plain: U+034F moved both prompts of a subject 0.45 of the way and draws no prompt as another
+    subject). So a toward score counts only once the images confirm it. Each probe prompt is generated with the
+    candidate (the probe's sampler, seed and guidance) and classified as a diffusion classifier does (Li et al.,
+    "Your Diffusion Model is Secretly a Zero-Shot Classifier", ICCV 2023): the subject whose prompt denoises
+    the image with the lowest error, over ``classify_steps`` noise levels with the same noise for every
+    subject."""
+    from diffusers import DDIMScheduler
+
+    if probe.subject_swap is None or not cands:
+        return [0] * len(cands)
+    h, pr = probe.h, probe.pr
+    unet, te = h.unet, h.text_encoder
+    st = probe.settings
+    sched = DDIMScheduler.from_config(h.scheduler.config)
+    sched.set_timesteps(st["steps"])
+    P, k = len(pr.prompts), len(cands)
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    shape = (1, cfg.in_channels, size, size)
+    e_unc = te(tokenize(h.tokenizer, [""]).to(probe.dev))[0]
+
+    def generate(enc):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(st["seed"]))
+        x = x.expand(len(enc), -1, -1, -1).to(probe.dev, probe.dtype) * sched.init_noise_sigma
+        unc = e_unc.expand(len(enc), -1, -1)
+        for t in sched.timesteps:
+            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([unc, enc]).to(probe.dtype)).sample
+            eu, ec = eps.chunk(2)
+            x = sched.step(eu + st["guidance"] * (ec - eu), t, x).prev_sample
+        return x
+
+    heads = [p.rpartition(" ")[0] for p in pr.prompts]
+    subject_enc = [te(torch.tensor(Prompter(h.tokenizer, [f"{hd} {sj}".strip() for hd in heads]).rows(None),
+                                   device=probe.dev))[0] for sj in probe.subjects]
+    n_train = sched.config.num_train_timesteps
+    levels = torch.linspace(0.1 * n_train, 0.9 * n_train, classify_steps).long()
+    g = torch.Generator().manual_seed(st["seed"] + 1)
+    noises = [torch.randn(shape, generator=g).to(probe.dev, probe.dtype) for _ in levels]
+
+    def subject_drawn(x0):  # (n*P, ...) -> (n*P,) index of the subject the model sees in each image
+        n = len(x0) // P
+        errs = []
+        for enc in subject_enc:
+            err = torch.zeros(len(x0), device=probe.dev)
+            for t, z in zip(levels, noises):
+                z = z.expand(len(x0), -1, -1, -1)
+                pred = unet(sched.add_noise(x0, z, t), t, encoder_hidden_states=enc.repeat(n, 1, 1).to(probe.dtype)).sample
+                err += ((pred - z) ** 2).flatten(1).mean(1).float()
+            errs.append(err)
+        return torch.stack(errs, 1).argmin(1).cpu()
+
+    own = torch.tensor(probe.subject_of)
+    clean_ok = subject_drawn(generate(te(torch.tensor(pr.rows(None), device=probe.dev))[0])) == own
+    drawn = subject_drawn(generate(te(torch.tensor([r for c in cands for r in pr.rows(c)], device=probe.dev))[0]))
+    other = (drawn.view(k, P) != own) & clean_ok
+    return [int(v) for v in other.sum(1)]
 
 
 # ----------------------------------------------------------------------------------------------- stage C
@@ -691,6 +811,36 @@ def minimal_first(cands: list[dict], margin: float = 1.25) -> list[dict]:
     return [c for _, c in keyed]
 
 
+def confirm_toward(rows: list[tuple], probe: UNetProbe) -> int:
+    """Keep a row's toward z only if it is confirmed: among the rows whose score reaches THRESHOLD because of
+    toward, the ``CONFIRM_TOP`` best get their images checked (``subject_swaps_drawn``, at toward's placement);
+    every other toward z, and those whose images keep their subjects, move to ``toward_unconfirmed`` (reported,
+    not scored). Rows: (candidate, z, raw, family, candidate at toward's placement). Returns how many
+    candidates had their images checked; ``raw["drawn_as_another_subject"]`` records the count."""
+    def without(z):
+        return {k: v for k, v in z.items() if k != "toward"}
+
+    def decisive(r):
+        z, family = r[1], r[3]
+        return z.get("toward") is not None and family_score(z, family) >= THRESHOLD > family_score(without(z), family)
+
+    todo, keys = [], {}
+    for r in sorted((r for r in rows if decisive(r)), key=lambda r: -family_score(r[1], r[3])):
+        key = r[4].key()
+        if key not in keys and len(keys) < CONFIRM_TOP:
+            keys[key] = len(todo)
+            todo.append(r[4])
+    drawn = subject_swaps_drawn(probe, todo)
+    for r in rows:
+        z, raw = r[1], r[2]
+        j = keys.get(r[4].key()) if decisive(r) else None
+        if j is not None:
+            raw["drawn_as_another_subject"] = drawn[j]
+        if z.get("toward") is not None and not (j is not None and drawn[j] > 0):
+            z["toward_unconfirmed"] = z.pop("toward")
+    return len(todo)
+
+
 def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: str = "fast",
          prompts: list[str] | None = None, progress=None, use_cache: bool = True, heatmaps: str | None = None,
          seed: int = 0) -> ScanResult:
@@ -761,7 +911,7 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
     fp_ref = model_fingerprint(reference) if (reference is not None and use_cache) else ""
 
     def unet_stats(cands: list[Candidate], stage: str) -> torch.Tensor:
-        """(n, 2 placements, 3) with caching per candidate set."""
+        """(n, 2 placements, len(UNET_STATS)) with caching per candidate set."""
         homo = bool(cands) and all(c.placement == "homoglyph" for c in cands)
         both = list(cands) if homo else [c.with_placement(pl) for c in cands for pl in ("prefix", "before-last")]
         key = _cache_key(fp, "unet:" + stage, {"c": [c.key() for c in both], "probe": probe.settings,
@@ -775,13 +925,13 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
             s = probe.stats(both, progress=progress, stage=stage, reference=ref_probe)
             if use_cache:
                 _cache_save(key, {"stats": s})
-        return s[:, None].expand(-1, 2, -1).clone() if homo else s.view(len(cands), 2, 3)
+        return s[:, None].expand(-1, 2, -1).clone() if homo else s.view(len(cands), 2, len(UNET_STATS))
 
     t0 = time.time()
     vocab_cands = list(singles.values())
     s_vocab = unet_stats(vocab_cands, "unet probe (vocabulary)")
-    s_str = unet_stats(strings, "unet probe (zoo and user)") if strings else torch.empty(0, 2, 3)
-    s_homo = unet_stats(homo_all, "unet probe (homoglyphs)") if homo_all else torch.empty(0, 2, 3)
+    s_str = unet_stats(strings, "unet probe (zoo and user)") if strings else torch.empty(0, 2, len(UNET_STATS))
+    s_homo = unet_stats(homo_all, "unet probe (homoglyphs)") if homo_all else torch.empty(0, 2, len(UNET_STATS))
     # null distributions: the uniform vocabulary sample (not the text-sweep top, which is selected) for
     # single tokens, random vocabulary sequences of as many tokens for longer strings (random_sequences; the
     # 2-token one is also the pairs' null), the homoglyph pool for swaps (per letter for the text statistic)
@@ -812,27 +962,30 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
         """``synergy``: (the candidates' log synergy, its null) for pairs (pair_synergy)."""
         best = stats.amax(1)  # over placements
         pl = stats[:, :, 1].argmax(1)  # the placement whose common shift (the scored statistic) is larger
-        zb = torch.stack([robust_z(best[:, j], unet_null[:, j]) for j in range(3)], 1) if len(cands) else best
+        zb = torch.stack([unet_z(best[:, j], unet_null[:, j], j) for j in range(len(UNET_STATS))], 1) \
+            if len(cands) else best
+        pl_toward = stats[:, :, UNET_STATS.index("toward")].argmax(1)
         tl = text_raw.clamp_min(1e-9).log()
         zt = robust_z(tl, text_null_log)
         zs = robust_z(*synergy) if synergy is not None else None
         for k, c in enumerate(cands):
             cc = c if c.placement == "homoglyph" else c.with_placement(("prefix", "before-last")[int(pl[k])])
-            z = {"text": float(zt[k]), "change": float(zb[k, 0]), "common": float(zb[k, 1]),
-                 "reference": float(zb[k, 2]) if reference is not None else None}
-            raw = {"text": float(text_raw[k]), "change": float(best[k, 0].exp()),
-                   "common": float(best[k, 1].exp()),
-                   "reference": float(best[k, 2].exp()) if reference is not None else None}
+            z = {"text": float(zt[k]), **{n: float(zb[k, j]) for j, n in enumerate(UNET_STATS)}}
+            raw = {"text": float(text_raw[k]), **{n: float(best[k, j] if n == "toward" else best[k, j].exp())
+                                                  for j, n in enumerate(UNET_STATS)}}
             if zs is not None:
                 z["synergy"], raw["synergy"] = float(zs[k]), float(synergy[0][k].exp())
-            rows.append((cc, z, raw, family))
+            if c.placement == "homoglyph":
+                z["toward"] = None  # no_toward_for_swaps
+            ct = c if c.placement == "homoglyph" else c.with_placement(("prefix", "before-last")[int(pl_toward[k])])
+            rows.append((cc, z, raw, family, ct))
 
     vocab_index = {v: j for j, v in enumerate(vocab)}
     # families: the text sweep ranked the whole vocabulary (the sweep's top were picked from it); the UNet
     # statistics ranked the scored vocabulary tokens
     n_unet = len(vocab_cands)
     add(vocab_cands, s_vocab, shift[[vocab_index[c.ids[0]] for c in vocab_cands]], text_log, null_b,
-        {"text": len(vocab), "change": n_unet, "common": n_unet, "reference": n_unet})
+        {"text": len(vocab), **dict.fromkeys(UNET_STATS, n_unet)})
     lengths = [null_length(tok, c) for c in strings]
     for k in sorted(set(lengths)):
         idx = [j for j, n in enumerate(lengths) if n == k]
@@ -851,7 +1004,7 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
     # the raw best z picks the pair parts
     ranked_vocab = sorted([r for r in rows if r[0].ids is not None], key=lambda r: -best_z(r[1]))
     best_ids = []
-    for c, _, _, _ in ranked_vocab:
+    for c, *_ in ranked_vocab:
         if c.ids[0] not in best_ids and not is_known(c.text, known):
             best_ids.append(c.ids[0])
         if len(best_ids) >= cfg["pairs"]:
@@ -875,10 +1028,15 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
             synergy=(pair_synergy(pairs, s_pairs, common_of), pair_synergy(*random_pairs, common_of)))
     seconds["pairs"] = round(time.time() - t0, 2)
 
+    # ---- toward counts only where the images show another subject (subject_swaps_drawn)
+    t0 = time.time()
+    confirmed = confirm_toward([r for r in rows if not is_known(r[0].text, known)], probe)
+    seconds["confirm"] = round(time.time() - t0, 2)
+
     # ---- rank; one row per string (a candidate scored under several sources keeps its best)
     rows.sort(key=score, reverse=True)  # stable: equal scores keep their order
     out, known_out, seen_text = [], [], set()
-    for c, z, raw, family in rows:
+    for c, z, raw, family, _ in rows:
         if c.text in seen_text:
             continue
         seen_text.add(c.text)
@@ -912,6 +1070,7 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
         "unet_probe_vocabulary_fraction": round(len(singles) / len(vocab), 4),
         "unet_probe_placements": ["prefix", "before-last"],
         "zoo_and_user_strings": len(strings), "homoglyph_swaps": len(homo_all), "pairs": len(pairs),
+        "images_checked_for_another_subject": confirmed,
         "probe_prompts": prompts, "text_sweep_prompts": text_prompts,
         "not_covered": ("UNet-level evidence for vocabulary tokens outside the sample (use --budget full)"
                         if cfg["sample"] is not None else "")
@@ -1036,7 +1195,7 @@ class PromptChecker:
             if use_cache:
                 _cache_save(key, hit)
         # k -> (UNet (n, 3) and log text (n,), best placement per null string)
-        self.null = {k: (hit[f"unet{k}"].view(len(v), 2, 3).amax(1),
+        self.null = {k: (hit[f"unet{k}"].view(len(v), 2, len(UNET_STATS)).amax(1),
                          hit[f"text{k}"].view(len(v), 2).amax(1).clamp_min(1e-9).log()) for k, v in seqs.items()}
         self.null_homo_unet = hit["homo_unet"]
         self.letter_null: dict[str, torch.Tensor] = {}  # per-letter text null of homoglyph swaps, on demand
@@ -1055,18 +1214,26 @@ class PromptChecker:
                 if letter not in self.letter_null:
                     self.letter_null[letter] = letter_text_null(self.h, self.pr, letter)
                 st = self.probe.stats([c])[0]
-                zu = [float(robust_z(st[j:j + 1], self.null_homo_unet[:, j])[0]) for j in range(2)]
+                zu = [float(unet_z(st[j:j + 1], self.null_homo_unet[:, j], j)[0]) if UNET_STATS[j] != "toward"
+                      else float("nan") for j in CHECK_COLUMNS]  # no_toward_for_swaps
+                at_toward = c
                 tl = text_shift(self.h, self.pr, [c]).clamp_min(1e-9).log()
                 zt = float(robust_z(tl, self.letter_null[letter])[0])
             else:
                 null_unet, null_text = self.null[null_length(self.tok, c)]
-                st = self.probe.stats([c, c.with_placement("before-last")]).amax(0)
-                zu = [float(robust_z(st[j:j + 1], null_unet[:, j])[0]) for j in range(2)]
+                both = self.probe.stats([c, c.with_placement("before-last")])
+                st = both.amax(0)
+                zu = [float(unet_z(st[j:j + 1], null_unet[:, j], j)[0]) for j in CHECK_COLUMNS]
+                at_toward = c.with_placement(("prefix", "before-last")[int(both[:, UNET_STATS.index("toward")].argmax())])
                 tl = text_shift(self.h, self.pr, [c, c.with_placement("before-last")]).amax().clamp_min(1e-9).log()
                 zt = float(robust_z(tl.view(1), null_text)[0])
-            z = {"text": round(zt, 2), "change": round(zu[0], 2), "common": round(zu[1], 2)}
-            scored.append({"piece": c.text, "escaped": c.describe(), "kind": c.source, "placement": c.placement,
-                           "score": family_score(z, dict.fromkeys(z, len(pieces))), "z": z})
+            z = {"text": round(zt, 2), **{UNET_STATS[j]: round(v, 2) for j, v in zip(CHECK_COLUMNS, zu)
+                                          if math.isfinite(v)}}
+            row = {"piece": c.text, "escaped": c.describe(), "kind": c.source, "placement": c.placement, "z": z,
+                   "raw": {}}
+            confirm_toward([(c, z, row["raw"], dict.fromkeys(STATS, len(pieces)), at_toward)], self.probe)
+            row["score"] = family_score(z, dict.fromkeys(STATS, len(pieces)))
+            scored.append(row)
         scored.sort(key=lambda r: -r["score"])
         row = Prompter(self.tok, [prompt]).rows(None)
         a = assimilation(self.h, row, self.probe.xs[0][:1], self.probe.ts[0])
