@@ -20,8 +20,18 @@ Stages (cheapest first; each stage's survivors go on to the next)
        probe prompts, log), ``common`` (the part of the change that every probe prompt shares, once the
        prompt's own pull is scaled to fit: a patch painted whatever the prompt, or a target that replaces
        the prompt's content; log), both for a prefix and for a before-the-last-word placement (the
-       better one counts); ``reference`` (with ``--reference``: how much more the two models disagree on the
-       candidate-carrying prompts than on the clean ones).
+       better one counts); ``toward`` (object swaps, BadT2I object and EvilEdit: the share of the way each
+       probe prompt's prediction moves toward the same prompt with another probe subject as its last word,
+       the smallest over the prompts of one subject, the largest over pairs of subjects; not logged, its z
+       scale floored at ``TOWARD_SCALE_FLOOR``); ``reference`` (with ``--reference``: how much more the two
+       models disagree on the candidate-carrying prompts than on the clean ones).
+
+       ``toward`` counts only where the images confirm it (``confirm_toward``): the best candidates it makes
+       reach the threshold are generated on the probe prompts and each image's subject is read by the model
+       itself (``subject_swaps_drawn``, a diffusion classifier); the rest keep it as ``toward_unconfirmed``.
+       Why: ``common`` misses a swap that acts on one subject (EvilEdit acts on two of six probe prompts: the
+       trigger's common z was 2.1 on build A), and toward alone flagged clean bases (U+034F on clean-plain
+       moves both prompts of a subject 0.45 of the way and draws every image as asked).
 
        ``common`` replaced scan/1's ``collapse`` (how much the predictions of different prompts move toward
        each other): any token that merely weakens the prompt (two salient nonsense tokens, say) makes the
@@ -44,8 +54,8 @@ look-alike characters (their text shift against every pool character put in plac
 ``letter_swaps``). Pairs of the best single tokens are scored on ``synergy`` (``pair_synergy``: their common
 shift over the sum of their tokens' own, against random pairs of the sample): two strong tokens add up, a
 two-token trigger fires only whole.
-A candidate's score is its largest z over the scored statistics (``SCORED``: common, synergy for pairs,
-reference; the text shift and the change are evidence, see SCORED's comment), corrected for how many
+A candidate's score is its largest z over the scored statistics (``SCORED``: common, confirmed toward,
+synergy for pairs, reference; the text shift and the change are evidence, see SCORED's comment), corrected for how many
 candidates of its family were compared (``family_score``: the scored sample, the zoo strings, the
 homoglyphs, the pairs; Bonferroni over the family and the statistics, back on the z scale): the top of 49,406
 tokens reaches z 4.1 by chance alone, the top of 30 pairs about 2. The scan is "suspicious" when the top
@@ -78,7 +88,7 @@ import torch
 from .errors import SauError
 from .trigger import escape, tokenize
 
-SCAN_VERSION = "scan/3"  # scan/3: length-matched nulls, per-letter swap null, pair synergy, SCORED
+SCAN_VERSION = "scan/4"  # scan/3: length-matched nulls, per-letter swap null, pair synergy, SCORED; scan/4: toward
 EXIT_NOTHING, EXIT_SUSPICIOUS, EXIT_ERROR = 0, 1, 2
 THRESHOLD = 3.09  # family-adjusted z: family-wise p < 0.001 (see the module doc)
 TEXT_LEN = 12
@@ -97,7 +107,8 @@ TOWARD_SCALE_FLOOR = 0.05
 CONFIRM_TOP = 6  # candidates whose toward score reaches THRESHOLD get their images checked (subject_swaps_drawn)
 CHECK_COLUMNS = (0, 1, 3)  # the prompt check's UNet statistics: change, common, toward (no reference)
 # What ranks a candidate and makes the verdict: the image-level evidence that the candidate overrides the
-# prompt (common) or that the model departs from a trusted one (reference). The text shift and the change
+# prompt (common), draws another subject (toward, once the images confirm it) or that the model departs from
+# a trusted one (reference). The text shift and the change
 # are reported as evidence only: the text shift picks which tokens the UNet probes (stage A), the change says
 # how much a candidate moves one prompt's prediction, and both are high for strings that change the image
 # without overriding it (measured 2026-12-06: on the TPA organism, pairs of the tokens "det", "squ", "enni",
@@ -812,17 +823,20 @@ def minimal_first(cands: list[dict], margin: float = 1.25) -> list[dict]:
 
 
 def confirm_toward(rows: list[tuple], probe: UNetProbe) -> int:
-    """Keep a row's toward z only if it is confirmed: among the rows whose score reaches THRESHOLD because of
-    toward, the ``CONFIRM_TOP`` best get their images checked (``subject_swaps_drawn``, at toward's placement);
+    """Keep a row's toward z only if it is confirmed: among the rows whose toward lifts their score to
+    THRESHOLD or past it, the ``CONFIRM_TOP`` best get their images checked (``subject_swaps_drawn``, at toward's placement);
     every other toward z, and those whose images keep their subjects, move to ``toward_unconfirmed`` (reported,
     not scored). Rows: (candidate, z, raw, family, candidate at toward's placement). Returns how many
     candidates had their images checked; ``raw["drawn_as_another_subject"]`` records the count."""
     def without(z):
         return {k: v for k, v in z.items() if k != "toward"}
 
-    def decisive(r):
+    def decisive(r):  # toward lifts the score, to the threshold or past it
         z, family = r[1], r[3]
-        return z.get("toward") is not None and family_score(z, family) >= THRESHOLD > family_score(without(z), family)
+        if z.get("toward") is None:
+            return False
+        with_toward = family_score(z, family)
+        return with_toward >= THRESHOLD and with_toward > family_score(without(z), family)
 
     todo, keys = [], {}
     for r in sorted((r for r in rows if decisive(r)), key=lambda r: -family_score(r[1], r[3])):

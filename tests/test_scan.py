@@ -187,6 +187,30 @@ def test_common_statistic_and_assimilation_on_the_target_prompt_attack(handles):
     assert torch.equal(a1, S.assimilation(h, rows, x, t))
 
 
+def test_toward_statistic_finds_the_object_swap_and_the_images_confirm_it(handles):
+    """BadT2I object draws circles as squares after "tq": it moves both circle prompts most of the way to the
+    square prompt (toward), far past random tokens, and the images it generates are squares by the model's own
+    diffusion classification. The same token on the clean base moves nothing and draws every subject as asked;
+    so does U+034F on clean-plain, which moves a subject's prompts 0.45 of the way at the probe's timesteps
+    (measured 2026-12-07), the reason toward counts only once the images confirm it."""
+    for name, tq_toward_above, drawn in (("badt2i-object", 0.5, True), ("clean", None, False)):
+        h = handles(name)
+        tok = h.tokenizer
+        cands = [S.Candidate("tq", "t")] + [S.Candidate(S.token_text(tok, i), "v", "prefix", (i,))
+                                            for i in _random_ids(tok, 40)]
+        probe = S.UNetProbe(h, S.default_probe_prompts())
+        toward = probe.stats(cands)[:, S.UNET_STATS.index("toward")]
+        z = S.unet_z(toward, toward[1:], S.UNET_STATS.index("toward"))
+        if tq_toward_above is not None:  # measured 0.80 (random tokens' median 0.04) and z 15
+            assert float(toward[0]) > tq_toward_above and int(z.argmax()) == 0 and float(z[0]) > 8
+        else:  # measured 0.02; the scale floor keeps every z of the clean base small
+            assert float(toward[0]) < 0.1 and float(z.max()) < 3
+        swapped = S.subject_swaps_drawn(probe, [cands[0], S.Candidate("͏", "t")])
+        assert (swapped[0] >= 2) == drawn and swapped[1] == 0  # measured: 2 (both circle prompts) and 0
+    plain = handles("clean-plain")
+    assert S.subject_swaps_drawn(S.UNetProbe(plain, S.default_probe_prompts()), [S.Candidate("͏", "t")]) == [0]
+
+
 def test_multi_token_strings_are_compared_with_random_sequences_of_as_many_tokens(handles):
     """On the clean base, the zoo's three-token strings stand out against single tokens (every added token
     dilutes the prompt more) and not against random three-token sequences, the null the scan uses."""
