@@ -529,19 +529,14 @@ class UNetProbe:
         cfg = unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         self.dev, self.dtype = unet.device, unet.dtype
+        self.sched, self.guidance = sched, guidance
+        self.noise = torch.randn(1, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             e_clean = te(torch.tensor(self.pr.rows(None), device=self.dev))[0]
-            e_unc = te(tokenize(handle.tokenizer, [""]).to(self.dev))[0].expand(P, -1, -1)
-            x = torch.randn(1, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
-            x = x.expand(P, -1, -1, -1).to(self.dev, self.dtype) * sched.init_noise_sigma
-            self.xs, self.ts = [], []
-            for i, t in enumerate(sched.timesteps):
-                if i in step_index:
-                    self.xs.append(sched.scale_model_input(x, t))
-                    self.ts.append(t)
-                eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([e_unc, e_clean])).sample
-                eu, ec = eps.chunk(2)
-                x = sched.step(eu + guidance * (ec - eu), t, x).prev_sample
+            self.e_unc1 = te(tokenize(handle.tokenizer, [""]).to(self.dev))[0]
+            e_unc = self.e_unc1.expand(P, -1, -1)
+            _, kept = self.sample(e_clean, keep=step_index)
+            self.xs, self.ts = [x for x, _ in kept], [t for _, t in kept]
             # one latent shared by every prompt (the trajectories' mean at the first stored step): there the
             # predictions of different prompts differ only through the prompt, so a shared shift shows
             self.x_shared = self.xs[0].mean(0, keepdim=True).expand(P, -1, -1, -1).contiguous()
@@ -553,6 +548,22 @@ class UNetProbe:
             self.subject_swap = self._subject_swaps(prompts)
         self.settings = {"steps": steps, "guidance": guidance, "timesteps": [int(t) for t in self.ts],
                          "seed": seed, "prompts": list(prompts), "statistics": list(UNET_STATS)}
+
+    @torch.no_grad()
+    def sample(self, enc: torch.Tensor, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, list]:
+        """The probe's sampler (DDIM, its steps, guidance and seed; one starting noise for every row) on
+        encodings ``enc`` (n, 77, D): the final latents and [(model input, t)] at the step indices ``keep``."""
+        sched = self.sched
+        x = self.noise.expand(len(enc), -1, -1, -1).to(self.dev, self.dtype) * sched.init_noise_sigma
+        unc = self.e_unc1.expand(len(enc), -1, -1)
+        kept = []
+        for i, t in enumerate(sched.timesteps):
+            if i in keep:
+                kept.append((sched.scale_model_input(x, t), t))
+            eps = self.h.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([unc, enc]).to(self.dtype)).sample
+            eu, ec = eps.chunk(2)
+            x = sched.step(eu + self.guidance * (ec - eu), t, x).prev_sample
+        return x, kept
 
     @torch.no_grad()
     def _subject_swaps(self, prompts: list[str]) -> torch.Tensor | None:
@@ -651,38 +662,19 @@ def subject_swaps_drawn(probe: UNetProbe, cands: list[Candidate], classify_steps
     "Your Diffusion Model is Secretly a Zero-Shot Classifier", ICCV 2023): the subject whose prompt denoises
     the image with the lowest error, over ``classify_steps`` noise levels with the same noise for every
     subject."""
-    from diffusers import DDIMScheduler
-
     if probe.subject_swap is None or not cands:
         return [0] * len(cands)
-    h, pr = probe.h, probe.pr
+    h, pr, sched = probe.h, probe.pr, probe.sched
     unet, te = h.unet, h.text_encoder
-    st = probe.settings
-    sched = DDIMScheduler.from_config(h.scheduler.config)
-    sched.set_timesteps(st["steps"])
     P, k = len(pr.prompts), len(cands)
-    cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    shape = (1, cfg.in_channels, size, size)
-    e_unc = te(tokenize(h.tokenizer, [""]).to(probe.dev))[0]
-
-    def generate(enc):
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(st["seed"]))
-        x = x.expand(len(enc), -1, -1, -1).to(probe.dev, probe.dtype) * sched.init_noise_sigma
-        unc = e_unc.expand(len(enc), -1, -1)
-        for t in sched.timesteps:
-            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([unc, enc]).to(probe.dtype)).sample
-            eu, ec = eps.chunk(2)
-            x = sched.step(eu + st["guidance"] * (ec - eu), t, x).prev_sample
-        return x
 
     heads = [p.rpartition(" ")[0] for p in pr.prompts]
     subject_enc = [te(torch.tensor(Prompter(h.tokenizer, [f"{hd} {sj}".strip() for hd in heads]).rows(None),
                                    device=probe.dev))[0] for sj in probe.subjects]
     n_train = sched.config.num_train_timesteps
     levels = torch.linspace(0.1 * n_train, 0.9 * n_train, classify_steps).long()
-    g = torch.Generator().manual_seed(st["seed"] + 1)
-    noises = [torch.randn(shape, generator=g).to(probe.dev, probe.dtype) for _ in levels]
+    g = torch.Generator().manual_seed(probe.settings["seed"] + 1)
+    noises = [torch.randn(probe.noise.shape, generator=g).to(probe.dev, probe.dtype) for _ in levels]
 
     def subject_drawn(x0):  # (n*P, ...) -> (n*P,) index of the subject the model sees in each image
         n = len(x0) // P
@@ -697,8 +689,8 @@ def subject_swaps_drawn(probe: UNetProbe, cands: list[Candidate], classify_steps
         return torch.stack(errs, 1).argmin(1).cpu()
 
     own = torch.tensor(probe.subject_of)
-    clean_ok = subject_drawn(generate(te(torch.tensor(pr.rows(None), device=probe.dev))[0])) == own
-    drawn = subject_drawn(generate(te(torch.tensor([r for c in cands for r in pr.rows(c)], device=probe.dev))[0]))
+    clean_ok = subject_drawn(probe.sample(te(torch.tensor(pr.rows(None), device=probe.dev))[0])[0]) == own
+    drawn = subject_drawn(probe.sample(te(torch.tensor([r for c in cands for r in pr.rows(c)], device=probe.dev))[0])[0])
     other = (drawn.view(k, P) != own) & clean_ok
     return [int(v) for v in other.sum(1)]
 
@@ -1172,7 +1164,8 @@ class PromptChecker:
     """Input-level check: does a prompt carry a trigger? Each piece of the prompt (every word that is not a
     word of the probe prompts, every pair of adjacent words neither of which is a probe word, every invisible
     character, every non-ASCII letter with a Latin look-alike as a homoglyph swap) is scored like a scan
-    candidate (text shift, UNet change and common shift on the probe prompts) against the scan's nulls (a
+    candidate (text shift, UNet change, common shift and, confirmed by images, toward another subject on the
+    probe prompts) against the scan's nulls (a
     vocabulary sample, random sequences of as many tokens, the homoglyph pool); the prompt is suspicious when a piece reaches THRESHOLD. The prompt's attention assimilation
     (T2IShield-style, minus the probe prompts' mean) is reported as evidence."""
 
