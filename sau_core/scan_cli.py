@@ -90,7 +90,7 @@ def scan_cmd(model, triggers, cand_file, reference, budget, json_out, heatmaps, 
 
 def _print_scan(result: S.ScanResult, top: int) -> None:
     click.echo(f"scan of {result.model} ({result.settings['budget']}, {result.seconds['total']:.1f} s)")
-    click.echo(f"{'rank':>4}  {'score':>6}  {'candidate':24s} {'placement':11s} {'source':28s} evidence (z; scored: common, pair synergy, reference)")
+    click.echo(f"{'rank':>4}  {'score':>6}  {'candidate':24s} {'placement':11s} {'source':28s} evidence (z; scored: common, toward once images confirm it, pair synergy, reference)")
     for i, c in enumerate(result.candidates[:top], 1):
         ev = " ".join(f"{k}={v:+.1f}" for k, v in c["z"].items())
         click.echo(f"{i:>4}  {c['score']:>6.1f}  {c['escaped'][:24]:24s} {c['placement']:11s} {c['source'][:28]:28s} {ev}")
