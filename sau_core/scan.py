@@ -781,7 +781,7 @@ def _cand_json(tok, c: Candidate, z: dict[str, float], raw: dict[str, float], fa
 def pair_synergy(pairs: list[Candidate], stats: torch.Tensor, common_of: dict[int, float]) -> torch.Tensor:
     """Log of a pair's common shift over the sum of its two tokens' own (each at its better placement): a
     two-token trigger that fires only whole shifts far more than its parts, two unrelated tokens at most their
-    sum. ``stats``: (n, 2 placements, 3) from UNetProbe.stats (log common at [..., 1])."""
+    sum. ``stats``: (n, 2 placements, len(UNET_STATS)) from UNetProbe.stats (log common at [..., 1])."""
     return torch.tensor([float(stats[j, :, 1].max()) - math.log(common_of[c.ids[0]] + common_of[c.ids[1]])
                          for j, c in enumerate(pairs)])
 

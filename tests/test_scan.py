@@ -266,7 +266,7 @@ def test_pair_synergy_finds_a_two_token_trigger_and_not_two_strong_tokens(handle
 
         def stats(cs):
             both = [c.with_placement(pl) for c in cs for pl in ("prefix", "before-last")]
-            return probe.stats(both).view(len(cs), 2, 3)
+            return probe.stats(both).view(len(cs), 2, len(S.UNET_STATS))
 
         s1 = stats(singles)
         common_of = {c.ids[0]: float(s1[j, :, 1].max().exp()) for j, c in enumerate(singles)}
