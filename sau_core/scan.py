@@ -546,6 +546,8 @@ class UNetProbe:
             self.e0 = self._eps(e_clean)  # (T + 1, P, F); the last row: the shared latent
             self.u = self._eps(e_unc)  # unconditional predictions at the same latents
             self.subject_swap = self._subject_swaps(prompts)
+        # which clean probe prompts' images show their own subject: subject_swaps_drawn reads it once per probe
+        self.clean_drawn_right: torch.Tensor | None = None
         self.settings = {"steps": steps, "guidance": guidance, "timesteps": [int(t) for t in self.ts],
                          "seed": seed, "prompts": list(prompts), "statistics": list(UNET_STATS)}
 
@@ -689,9 +691,11 @@ def subject_swaps_drawn(probe: UNetProbe, cands: list[Candidate], classify_steps
         return torch.stack(errs, 1).argmin(1).cpu()
 
     own = torch.tensor(probe.subject_of)
-    clean_ok = subject_drawn(probe.sample(te(torch.tensor(pr.rows(None), device=probe.dev))[0])[0]) == own
+    if probe.clean_drawn_right is None:  # the same for every call on this probe (the check calls once per piece)
+        clean = probe.sample(te(torch.tensor(pr.rows(None), device=probe.dev))[0])[0]
+        probe.clean_drawn_right = subject_drawn(clean) == own
     drawn = subject_drawn(probe.sample(te(torch.tensor([r for c in cands for r in pr.rows(c)], device=probe.dev))[0])[0])
-    other = (drawn.view(k, P) != own) & clean_ok
+    other = (drawn.view(k, P) != own) & probe.clean_drawn_right
     return [int(v) for v in other.sum(1)]
 
 
