@@ -56,8 +56,9 @@ shift over the sum of their tokens' own, against random pairs of the sample): tw
 two-token trigger fires only whole.
 A candidate's score is its largest z over the scored statistics (``SCORED``: common, confirmed toward,
 synergy for pairs, reference; the text shift and the change are evidence, see SCORED's comment), corrected for how many
-candidates of its family were compared (``family_score``: the scored sample, the zoo strings, the
-homoglyphs, the pairs; Bonferroni over the family and the statistics, back on the z scale): the top of 49,406
+candidates of its family were compared (``family_score``: the scored sample, the whole vocabulary for the
+text sweep's top, which were picked from it by a statistic that goes with the image's change, the zoo
+strings, the homoglyphs, the pairs; Bonferroni over the family and the statistics, back on the z scale): the top of 49,406
 tokens reaches z 4.1 by chance alone, the top of 30 pairs about 2. The scan is "suspicious" when the top
 score reaches ``THRESHOLD`` (family-wise one-sided p below 0.001 if the robust z were normal; they have
 heavier tails, so the false-positive rate is measured on clean organisms, README "Scanning").
@@ -88,7 +89,8 @@ import torch
 from .errors import SauError
 from .trigger import escape, tokenize
 
-SCAN_VERSION = "scan/4"  # scan/3: length-matched nulls, per-letter swap null, pair synergy, SCORED; scan/4: toward
+SCAN_VERSION = "scan/5"  # scan/3: length-matched nulls, per-letter swap null, pair synergy, SCORED; scan/4: toward;
+# scan/5: the text sweep's top count as the whole vocabulary's best (their UNet family)
 EXIT_NOTHING, EXIT_SUSPICIOUS, EXIT_ERROR = 0, 1, 2
 THRESHOLD = 3.09  # family-adjusted z: family-wise p < 0.001 (see the module doc)
 TEXT_LEN = 12
@@ -100,12 +102,8 @@ UNET_STATS = STATS[1:]  # the columns of UNetProbe.stats
 # a tenth of the way to another subject: median 0.015, MAD 0.009), where a token at 0.08 was z 5 and made
 # the scan "suspicious" (measured 2026-12-07); below this scale a share is no evidence of another subject.
 TOWARD_SCALE_FLOOR = 0.05
-# no_toward_for_swaps: a homoglyph swap lands inside a word of the prompt, often its subject ("q" is only in
-# "square", the first "i" of "a red circle" is in "circle"), and a broken subject word is drawn as another
-# subject by design: measured 2026-12-07, the Cyrillic U+051B for "q" drew squares as other shapes on the clean
-# base and made it "suspicious" (6.97). Swaps are scored on common and the text shift as before.
 CONFIRM_TOP = 6  # candidates whose toward score reaches THRESHOLD get their images checked (subject_swaps_drawn)
-CHECK_COLUMNS = (0, 1, 3)  # the prompt check's UNet statistics: change, common, toward (no reference)
+CHECK_STATS = ("change", "common", "toward")  # the prompt check's UNet statistics (a prompt has no reference)
 # What ranks a candidate and makes the verdict: the image-level evidence that the candidate overrides the
 # prompt (common), draws another subject (toward, once the images confirm it) or that the model departs from
 # a trusted one (reference). The text shift and the change
@@ -189,6 +187,15 @@ class Candidate:
 
     def with_placement(self, placement: str) -> "Candidate":
         return Candidate(self.text, self.source, placement, self.ids, self.replaces)
+
+
+def has_toward(c: "Candidate") -> bool:
+    """Whether toward is evidence for ``c``. Not for homoglyph swaps: a swap lands inside a word of the prompt,
+    often its subject ("q" is only in "square", the first "i" of "a red circle" is in "circle"), and a broken
+    subject word is drawn as another subject by design (measured 2026-12-07: the Cyrillic U+051B for "q" drew
+    squares as other shapes on the clean base and made it "suspicious", 6.97). Swaps are scored on common and
+    the text shift."""
+    return c.placement != "homoglyph"
 
 
 def zoo() -> list[Candidate]:
@@ -985,17 +992,23 @@ def scan(handle, *, candidates: list[Candidate] = (), reference=None, budget: st
                                                   for j, n in enumerate(UNET_STATS)}}
             if zs is not None:
                 z["synergy"], raw["synergy"] = float(zs[k]), float(synergy[0][k].exp())
-            if c.placement == "homoglyph":
-                z["toward"] = None  # no_toward_for_swaps
+            if not has_toward(c):
+                z["toward"] = None
             ct = c if c.placement == "homoglyph" else c.with_placement(("prefix", "before-last")[int(pl_toward[k])])
             rows.append((cc, z, raw, family, ct))
 
     vocab_index = {v: j for j, v in enumerate(vocab)}
-    # families: the text sweep ranked the whole vocabulary (the sweep's top were picked from it); the UNet
-    # statistics ranked the scored vocabulary tokens
+    # families: the text sweep ranked the whole vocabulary; the UNet statistics of the uniform sample ranked the
+    # scored tokens, but the sweep's top were picked from the whole vocabulary by a statistic that goes with
+    # them (a larger text shift changes the image more), so theirs count as the whole vocabulary's best.
+    # Measured (scan/4, 2026-12-07): on the clean bases the sweep's top had a median common z of 1.3-3.0 where
+    # the sample's was 0.0, and on build C's clean-plain one of them, `worldseries`, made the scan "suspicious"
+    # at seeds 8 and 9 (3.38, 3.19) against the sample's family.
     n_unet = len(vocab_cands)
-    add(vocab_cands, s_vocab, shift[[vocab_index[c.ids[0]] for c in vocab_cands]], text_log, null_b,
-        {"text": len(vocab), **dict.fromkeys(UNET_STATS, n_unet)})
+    for picked, family_size in ((False, n_unet), (True, len(vocab))):
+        part = [k for k, c in enumerate(vocab_cands) if (c.source != "vocab") == picked]
+        add([vocab_cands[k] for k in part], s_vocab[part], shift[[vocab_index[vocab_cands[k].ids[0]] for k in part]],
+            text_log, null_b, {"text": len(vocab), **dict.fromkeys(UNET_STATS, family_size)})
     lengths = [null_length(tok, c) for c in strings]
     for k in sorted(set(lengths)):
         idx = [j for j, n in enumerate(lengths) if n == k]
@@ -1224,9 +1237,7 @@ class PromptChecker:
                 letter = lookalike(c.text)
                 if letter not in self.letter_null:
                     self.letter_null[letter] = letter_text_null(self.h, self.pr, letter)
-                st = self.probe.stats([c])[0]
-                zu = [float(unet_z(st[j:j + 1], self.null_homo_unet[:, j], j)[0]) if UNET_STATS[j] != "toward"
-                      else float("nan") for j in CHECK_COLUMNS]  # no_toward_for_swaps
+                st, null_unet = self.probe.stats([c])[0], self.null_homo_unet
                 at_toward = c
                 tl = text_shift(self.h, self.pr, [c]).clamp_min(1e-9).log()
                 zt = float(robust_z(tl, self.letter_null[letter])[0])
@@ -1234,12 +1245,15 @@ class PromptChecker:
                 null_unet, null_text = self.null[null_length(self.tok, c)]
                 both = self.probe.stats([c, c.with_placement("before-last")])
                 st = both.amax(0)
-                zu = [float(unet_z(st[j:j + 1], null_unet[:, j], j)[0]) for j in CHECK_COLUMNS]
                 at_toward = c.with_placement(("prefix", "before-last")[int(both[:, UNET_STATS.index("toward")].argmax())])
                 tl = text_shift(self.h, self.pr, [c, c.with_placement("before-last")]).amax().clamp_min(1e-9).log()
                 zt = float(robust_z(tl.view(1), null_text)[0])
-            z = {"text": round(zt, 2), **{UNET_STATS[j]: round(v, 2) for j, v in zip(CHECK_COLUMNS, zu)
-                                          if math.isfinite(v)}}
+            z = {"text": round(zt, 2)}
+            for name in CHECK_STATS:
+                j = UNET_STATS.index(name)
+                v = float(unet_z(st[j:j + 1], null_unet[:, j], j)[0])
+                if math.isfinite(v) and (name != "toward" or has_toward(c)):
+                    z[name] = round(v, 2)
             row = {"piece": c.text, "escaped": c.describe(), "kind": c.source, "placement": c.placement, "z": z,
                    "raw": {}}
             confirm_toward([(c, z, row["raw"], dict.fromkeys(STATS, len(pieces)), at_toward)], self.probe)

@@ -366,6 +366,13 @@ def test_scan_finds_the_zero_width_trigger_and_caches(tmp_path):
     # every token but the specials: the organism's tokenizer pads with <|endoftext|>, so 49,408 - {bos, eos}
     tok = load_model(organism_path("badt2i-pixel")).tokenizer
     assert d["coverage"]["text_sweep_tokens"] == len(tok) - 2 == 49406
+    # the text sweep's top were picked from the whole vocabulary, so their UNet evidence counts as its best;
+    # the uniform sample's against the tokens the UNet scored
+    top_text = [c for c in d["candidates"] if c["source"] == "vocab (text sweep top)"]
+    sample = [c for c in d["candidates"] if c["source"] == "vocab"]
+    assert top_text and sample
+    assert all(c["family"]["common"] == 49406 for c in top_text)
+    assert {c["family"]["common"] for c in sample} == {d["coverage"]["unet_probe_vocabulary_tokens"]}
     t0 = time.time()
     r = _run("scan", "badt2i-pixel", "--json", str(out), env=env)
     assert r.exit_code in (0, 1) and time.time() - t0 < first / 2
