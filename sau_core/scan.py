@@ -1250,9 +1250,11 @@ class PromptChecker:
                 zt = float(robust_z(tl.view(1), null_text)[0])
             z = {"text": round(zt, 2)}
             for name in CHECK_STATS:
+                if name == "toward" and not has_toward(c):
+                    continue
                 j = UNET_STATS.index(name)
                 v = float(unet_z(st[j:j + 1], null_unet[:, j], j)[0])
-                if math.isfinite(v) and (name != "toward" or has_toward(c)):
+                if math.isfinite(v):
                     z[name] = round(v, 2)
             row = {"piece": c.text, "escaped": c.describe(), "kind": c.source, "placement": c.placement, "z": z,
                    "raw": {}}
